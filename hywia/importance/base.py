@@ -1,0 +1,117 @@
+"""Criteria: statistics (+ the groups an adapter declares) -> one score per group. One registry, by name."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import InvalidRequestError
+from ..models import Adapter, GroupSpec, TensorSlice
+from .collect import Statistics
+
+LayerKind = tuple[int, str]
+
+
+@dataclass
+class ScoringContext:
+    """Everything a criterion may read. `keep` says how many groups of each (layer, kind) will stay."""
+
+    model: nn.Module
+    adapter: Adapter
+    layer_indices: list[int]
+    specs: dict[int, list[GroupSpec]]
+    batches: torch.Tensor
+    keep: dict[LayerKind, int]
+    seed: int = 0
+    stats: Statistics | None = None
+    progress: bool = True
+
+    def param(self, layer: int, s: TensorSlice) -> torch.Tensor:
+        return self.model.get_parameter(self.full_name(layer, s)).detach().float()
+
+    def full_name(self, layer: int, s: TensorSlice) -> str:
+        return f"{self.adapter.layer_name(layer)}.{s.param}"
+
+    def items(self):
+        """(layer, spec) for every pruned layer and group kind."""
+        for layer in self.layer_indices:
+            for spec in self.specs[layer]:
+                yield layer, spec
+
+
+class Criterion(ABC):
+    """Scores every group; higher means more important (kept first)."""
+
+    name: ClassVar[str] = ""
+    needs_gradients: ClassVar[bool] = False
+    needs_activations: ClassVar[bool] = False
+
+    @abstractmethod
+    def score(self, ctx: ScoringContext) -> dict[LayerKind, torch.Tensor]:
+        """One score per group, for every (layer, kind) in `ctx`."""
+
+    def summary(self) -> dict:
+        """What the report says of this criterion beyond its name (the fusion's learned blend, say)."""
+        return {}
+
+
+_CRITERIA: dict[str, Callable[..., Criterion]] = {}
+
+
+def register_criterion(name: str):
+    def decorator(cls):
+        cls.name = name
+        _CRITERIA[name] = cls
+        return cls
+
+    return decorator
+
+
+def available_criteria() -> list[str]:
+    return sorted(_CRITERIA)
+
+
+def get_criterion(spec: str) -> Criterion:
+    """A criterion from its name; `name:arg` passes one argument (e.g. `fixed:0.5`)."""
+    name, _, arg = spec.partition(":")
+    if name not in _CRITERIA:
+        raise InvalidRequestError(f"unknown criterion {spec!r}; available: {', '.join(available_criteria())}")
+    try:
+        return _CRITERIA[name](arg) if arg else _CRITERIA[name]()
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"bad criterion {spec!r}: {exc}") from exc
+
+
+def blocks(tensor: torch.Tensor, s: TensorSlice, count: int) -> torch.Tensor:
+    """A per-weight map reshaped to [count, elements of each group] for one slice."""
+    return tensor.movedim(s.dim, 0).reshape(count, -1)
+
+
+def reduce_groups(
+    ctx: ScoringContext, per_weight: Callable[[int, TensorSlice], torch.Tensor | None], mode: str
+) -> dict[LayerKind, torch.Tensor]:
+    """Sum a per-weight saliency into groups: `fine` = sum of |s|, `coarse` = sum over slices of |sum of s|.
+
+    `per_weight` may return None for a slice the criterion does not score (e.g. biases for activation criteria).
+    """
+    scores = {}
+    for layer, spec in ctx.items():
+        total = torch.zeros(spec.count, dtype=torch.float64)
+        for s in spec.slices:
+            saliency = per_weight(layer, s)
+            if saliency is None:
+                continue
+            b = blocks(saliency, s, spec.count)
+            reduced = b.abs().sum(1) if mode == "fine" else b.sum(1).abs()
+            total += reduced.double().cpu()
+        scores[(layer, spec.kind)] = total
+    return scores
+
+
+def normalise(scores: dict[LayerKind, torch.Tensor]) -> dict[LayerKind, torch.Tensor]:
+    """Each (layer, kind) scaled to mean 1, so scores of different granularities are comparable."""
+    return {key: s / s.mean().clamp_min(1e-30) for key, s in scores.items()}

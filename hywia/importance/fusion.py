@@ -1,0 +1,217 @@
+"""HyWIA: fine- and coarse-grained Taylor importance blended per group by a learned attention.
+
+For every group two tokens are built, one per granularity, from features of that view (log of the normalised
+score, its rank in the layer, the layer's dispersion of that score); a query comes from the context (depth,
+structure kind, how far the two rankings agree in this layer). alpha = softmax(q.k / sqrt(d)) over the two
+tokens and I = alpha_fine * F + alpha_coarse * C. The few attention parameters are learned end to end with the
+model frozen: I drives soft gates sigmoid((I - tau) / T) on head outputs and MLP channels at the target ratio
+(tau = the ratio's quantile of I in that layer and kind, T annealed towards 0), minimising the LM loss on the
+calibration windows. The attention starts at alpha = (1/2, 1/2).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import InvalidRequestError
+from .base import Criterion, LayerKind, ScoringContext, normalise, register_criterion
+from .collect import lm_loss
+from .taylor import taylor_scores
+
+FINE_ORDER = 1
+COARSE_ORDER = 1
+
+
+def granularities(ctx: ScoringContext) -> tuple[dict[LayerKind, torch.Tensor], dict[LayerKind, torch.Tensor]]:
+    """Normalised (mean 1 per layer and kind) fine- and coarse-grained scores."""
+    return (
+        normalise(taylor_scores(ctx, "fine", FINE_ORDER)),
+        normalise(taylor_scores(ctx, "coarse", COARSE_ORDER)),
+    )
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Rank correlation of two score vectors: how far the two granularities agree on a layer."""
+    if a.numel() < 2:
+        return 1.0
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
+
+
+@register_criterion("fixed")
+class FixedBlend(Criterion):
+    """A fixed blend A * fine + (1 - A) * coarse of the normalised scores (`fixed:0.5`)."""
+
+    needs_gradients = True
+
+    def __init__(self, alpha: str | float = 0.5) -> None:
+        self.alpha = float(alpha)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError("the blend weight must lie in [0, 1]")
+
+    def score(self, ctx: ScoringContext) -> dict[LayerKind, torch.Tensor]:
+        fine, coarse = granularities(ctx)
+        return {key: self.alpha * fine[key] + (1 - self.alpha) * coarse[key] for key in fine}
+
+    def summary(self) -> dict:
+        return {"alpha_fine": self.alpha}
+
+
+def _token_features(score: torch.Tensor) -> torch.Tensor:
+    """[n, 3]: log score, centred rank in [-1/2, 1/2], the layer's dispersion of log scores."""
+    log = score.clamp_min(1e-12).log()
+    rank = score.argsort().argsort().double() / max(score.numel() - 1, 1) - 0.5
+    return torch.stack([log, rank, log.std().expand_as(log) if score.numel() > 1 else torch.zeros_like(log)], 1)
+
+
+class FusionAttention(nn.Module):
+    """Two tokens per group (fine, coarse) attended by one context query; returns alpha [n, 2]."""
+
+    def __init__(self, n_features: int = 3, n_context: int = 4, dim: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.dim = dim
+        self.key = nn.Linear(n_features, dim, dtype=torch.float64)
+        self.granularity = nn.Parameter(torch.zeros(2, dim, dtype=torch.float64))
+        self.query = nn.Linear(n_context, dim, dtype=torch.float64)
+        with torch.no_grad():
+            # Zero keys give alpha = (1/2, 1/2); a non-zero query lets the keys' gradients flow from step one.
+            self.key.weight.zero_()
+            self.key.bias.zero_()
+            self.query.weight.copy_(torch.randn(dim, n_context, generator=generator, dtype=torch.float64) * 0.5)
+            self.query.bias.copy_(torch.randn(dim, generator=generator, dtype=torch.float64) * 0.5)
+
+    def forward(self, fine: torch.Tensor, coarse: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        keys = torch.stack([self.key(fine) + self.granularity[0], self.key(coarse) + self.granularity[1]], 1)
+        logits = keys @ self.query(context) / math.sqrt(self.dim)
+        return logits.softmax(-1)
+
+
+@register_criterion("hywia")
+class HywiaFusion(Criterion):
+    """The learned fusion (see module docstring)."""
+
+    needs_gradients = True
+
+    def __init__(
+        self,
+        steps: int = 40,
+        batch_size: int = 4,
+        lr: float = 0.05,
+        temperature: tuple[float, float] = (0.3, 0.01),
+    ) -> None:
+        if steps < 0:
+            raise ValueError("steps must be >= 0")
+        self.steps, self.batch_size, self.lr, self.temperature = steps, batch_size, lr, temperature
+        self._summary: dict = {}
+
+    def score(self, ctx: ScoringContext) -> dict[LayerKind, torch.Tensor]:
+        fine, coarse = granularities(ctx)
+        keys = list(fine)
+        n_layers = len(ctx.adapter.layers())
+        tokens = {k: (_token_features(fine[k]), _token_features(coarse[k])) for k in keys}
+        agreement = {k: spearman(fine[k], coarse[k]) for k in keys}
+        context = {
+            k: torch.tensor(
+                [k[0] / max(n_layers - 1, 1), float(k[1] != "mlp"), float(k[1] == "mlp"), agreement[k]],
+                dtype=torch.float64,
+            )
+            for k in keys
+        }
+        attention = FusionAttention(seed=ctx.seed)
+
+        def blend() -> tuple[dict[LayerKind, torch.Tensor], dict[LayerKind, torch.Tensor]]:
+            alphas = {k: attention(*tokens[k], context[k]) for k in keys}
+            return {k: alphas[k][:, 0] * fine[k] + alphas[k][:, 1] * coarse[k] for k in keys}, alphas
+
+        losses = self._learn(ctx, attention, blend) if self.steps else []
+        with torch.no_grad():
+            scores, alphas = blend()
+        self._summary = {
+            "alpha_fine_mean": float(torch.cat([a[:, 0] for a in alphas.values()]).mean()),
+            "per_layer": [
+                {"layer": k[0], "kind": k[1], "alpha_fine": float(alphas[k][:, 0].mean()),
+                 "alpha_fine_std": float(alphas[k][:, 0].std()) if alphas[k].shape[0] > 1 else 0.0,
+                 "rank_agreement": agreement[k]}
+                for k in keys
+            ],
+            "steps": self.steps,
+            "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None,
+        }
+        return {k: v.detach() for k, v in scores.items()}
+
+    def summary(self) -> dict:
+        return self._summary
+
+    def _learn(self, ctx: ScoringContext, attention: FusionAttention, blend) -> list[float]:
+        """Minimise the LM loss under soft gates at the target ratio; returns the loss per step."""
+        if ctx.batches.shape[0] == 0:
+            raise InvalidRequestError("the learned fusion needs calibration samples")
+        device = next(ctx.model.parameters()).device
+        dtype = next(ctx.model.parameters()).dtype
+        optimizer = torch.optim.Adam(attention.parameters(), lr=self.lr)
+        specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
+        removed_share = {k: 1 - ctx.keep[k] / specs[k].count for k in specs}
+        generator = torch.Generator().manual_seed(ctx.seed)
+        t_start, t_end = self.temperature
+        losses = []
+        gates: dict[LayerKind, torch.Tensor] = {}
+        with _frozen(ctx.model), _gated(ctx, specs, gates):
+            for step in tqdm(range(self.steps), desc="fusion", disable=not ctx.progress, leave=False):
+                temperature = t_start * (t_end / t_start) ** (step / max(self.steps - 1, 1))
+                scores, _ = blend()
+                for k, share in removed_share.items():
+                    if share > 0:
+                        tau = torch.quantile(scores[k], share)
+                        gates[k] = torch.sigmoid((scores[k] - tau) / temperature).to(device, dtype)
+                pick = torch.randint(ctx.batches.shape[0], (self.batch_size,), generator=generator)
+                loss = lm_loss(ctx.model, ctx.batches[pick].to(device))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+        return losses
+
+
+@contextmanager
+def _frozen(model: nn.Module):
+    """No weight of the model takes gradients while the fusion learns; restored afterwards."""
+    previous = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for name, param in model.named_parameters():
+            param.requires_grad_(previous[name])
+        model.train(was_training)
+
+
+@contextmanager
+def _gated(ctx: ScoringContext, specs: dict, gates: dict[LayerKind, torch.Tensor]):
+    """Multiply each group's contribution (the input of its output projection) by its current gate."""
+    hooks = []
+    for (layer, kind), spec in specs.items():
+        module = ctx.model.get_submodule(f"{ctx.adapter.layer_name(layer)}.{spec.gate_module}")
+
+        def hook(module, args, key=(layer, kind), block=spec.gate_block):
+            gate = gates.get(key)
+            if gate is None:
+                return None
+            return (args[0] * gate.repeat_interleave(block),) + tuple(args[1:])
+
+        hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in hooks:
+            handle.remove()

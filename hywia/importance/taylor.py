@@ -1,0 +1,55 @@
+"""Taylor saliency of each weight (LLM-Pruner's criteria), at both granularities.
+
+s1 = g * W (first order), s2 = g * W - 1/2 * W * F * W with F the Fisher diagonal (second order).
+Fine (element) = sum of |s| over the group's weights; coarse (vector) = sum over slices of |sum of s|.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models import TensorSlice
+from .base import Criterion, LayerKind, ScoringContext, reduce_groups, register_criterion
+
+
+def saliency(ctx: ScoringContext, layer: int, s: TensorSlice, order: int) -> torch.Tensor:
+    name = ctx.full_name(layer, s)
+    weight = ctx.param(layer, s)
+    first = ctx.stats.grad[name] * weight
+    if order == 1:
+        return first
+    return first - 0.5 * weight * ctx.stats.fisher[name] * weight
+
+
+def taylor_scores(ctx: ScoringContext, mode: str, order: int) -> dict[LayerKind, torch.Tensor]:
+    return reduce_groups(ctx, lambda layer, s: saliency(ctx, layer, s, order), mode)
+
+
+class _Taylor(Criterion):
+    needs_gradients = True
+    mode: str = "fine"
+    order: int = 1
+
+    def score(self, ctx: ScoringContext) -> dict[LayerKind, torch.Tensor]:
+        return taylor_scores(ctx, self.mode, self.order)
+
+
+@register_criterion("taylor-vector")
+class TaylorVector(_Taylor):
+    """Coarse-grained: the group as a whole (first-order change of the loss when the slice is removed)."""
+
+    mode, order = "coarse", 1
+
+
+@register_criterion("taylor-element1")
+class TaylorElement1(_Taylor):
+    """Fine-grained, first order: every weight's own |g * W|."""
+
+    mode, order = "fine", 1
+
+
+@register_criterion("taylor-element2")
+class TaylorElement2(_Taylor):
+    """Fine-grained, second order with the Fisher diagonal."""
+
+    mode, order = "fine", 2

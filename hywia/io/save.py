@@ -1,0 +1,52 @@
+"""Atomic saving: everything is written to a temporary sibling folder and renamed into place at the end, so a
+failed run never leaves a half-written model behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import InvalidRequestError
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Fail before any work if `out` exists and may not be replaced."""
+    if out.exists() and not force:
+        raise InvalidRequestError(f"{out} already exists; pass --force to overwrite it")
+
+
+@contextmanager
+def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes `out` only if the block finishes without error."""
+    out = Path(out)
+    check_output(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(model, tokenizer, out: Path, *, extra_json: dict[str, dict] | None = None, force: bool = False) -> Path:
+    """Model (safetensors + config with per-layer widths), tokenizer and JSON side files, atomically."""
+    with atomic_dir(Path(out), force=force) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, payload in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(payload, indent=2))
+    return Path(out)

@@ -1,0 +1,25 @@
+"""Model families: adapters (where the groups live) and the pruned-model classes.
+
+Every module of this package is imported here, so a new family is one new file that registers its adapter
+(`@register_adapter`) and its pruned classes (`pruned_classes`).
+"""
+
+import importlib
+import pkgutil
+
+from .base import Adapter, GroupSpec, TensorSlice, adapter_for, register_adapter, supported_architectures
+from .pruned import mark_pruned, pruned_classes
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = [
+    "Adapter",
+    "GroupSpec",
+    "TensorSlice",
+    "adapter_for",
+    "mark_pruned",
+    "pruned_classes",
+    "register_adapter",
+    "supported_architectures",
+]

@@ -1,0 +1,118 @@
+"""The adapter interface: where a model family keeps its coupled weight groups.
+
+Families differ only in here (fused qkv, biases, ALiBi slopes): everything downstream (statistics, criteria,
+plans, surgery) works on the `GroupSpec` an adapter declares, so a new family is one new file.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """One tensor a group kind owns: group i holds `block` consecutive entries along `dim`, at offset i*block.
+
+    `param` is the parameter's name relative to the decoder layer (e.g. "self_attn.q_proj.weight").
+    """
+
+    param: str
+    dim: int
+    block: int
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """All groups of one structure kind in one layer: `count` coupled groups sharing the same slices.
+
+    Kinds used by the built-in adapters: "head" (a query head), "kv" (a KV head with all its query heads),
+    "mlp" (an MLP channel). `output_slices` are the slices that write the group's contribution into the residual
+    stream: zeroing them removes the group exactly, which is what masks and soft gates act on.
+    """
+
+    kind: str
+    count: int
+    slices: tuple[TensorSlice, ...]
+    gate_module: str
+    gate_block: int
+
+    def indices(self, groups: torch.Tensor, s: TensorSlice) -> torch.Tensor:
+        """Element indices along `s.dim` owned by `groups`."""
+        return (groups[:, None] * s.block + torch.arange(s.block, device=groups.device)[None, :]).reshape(-1)
+
+
+class Adapter(ABC):
+    """Knows one family's layout: its decoder layers, group kinds, widths and how to shrink a layer.
+
+    Subclasses register with `@register_adapter("LlamaForCausalLM", ...)`.
+    """
+
+    architectures: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module, attention: str = "heads") -> None:
+        if attention not in ("heads", "kv"):
+            raise ValueError(f"attention must be 'heads' or 'kv', got {attention!r}")
+        self.model = model
+        self.attention = attention
+
+    @abstractmethod
+    def layers(self) -> list[nn.Module]:
+        """The decoder layers, in order."""
+
+    @abstractmethod
+    def layer_name(self, index: int) -> str:
+        """The qualified module name of decoder layer `index` (prefix of its parameter names)."""
+
+    @abstractmethod
+    def group_specs(self, layer: nn.Module) -> list[GroupSpec]:
+        """The prunable group kinds of a layer in its current (possibly pruned) shape."""
+
+    @abstractmethod
+    def widths(self, layer: nn.Module) -> dict[str, int]:
+        """The layer's widths in the config's vocabulary (e.g. num_attention_heads, intermediate_size)."""
+
+    @abstractmethod
+    def shrink(self, layer: nn.Module, keep: dict[str, torch.Tensor]) -> None:
+        """Physically keep only the given groups (sorted indices per kind) of a layer, in place."""
+
+    @abstractmethod
+    def resize_to(self, layer: nn.Module, widths: dict[str, int]) -> None:
+        """Give a freshly built layer the widths saved in a pruned config (values are loaded afterwards)."""
+
+    def num_decoder_params(self) -> int:
+        return sum(p.numel() for layer in self.layers() for p in layer.parameters())
+
+
+_ADAPTERS: dict[str, type[Adapter]] = {}
+
+
+def register_adapter(*architectures: str) -> Callable[[type[Adapter]], type[Adapter]]:
+    def decorator(cls: type[Adapter]) -> type[Adapter]:
+        cls.architectures = tuple(architectures)
+        for arch in architectures:
+            _ADAPTERS[arch] = cls
+        return cls
+
+    return decorator
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def adapter_for(model: nn.Module, attention: str = "heads") -> Adapter:
+    """The registered adapter for a model, by its class name or its config's architectures."""
+    names = [type(model).__name__] + list(getattr(model.config, "architectures", None) or [])
+    for name in names:
+        if name in _ADAPTERS:
+            return _ADAPTERS[name](model, attention=attention)
+    raise UnsupportedModelError(
+        f"unsupported architecture {names[0]}; supported: {', '.join(supported_architectures())}"
+    )

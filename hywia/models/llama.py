@@ -1,0 +1,135 @@
+"""LLaMA-style decoders (LLaMA-1/2/3, Vicuna, Mistral, Qwen2): separate q/k/v/o and gate/up/down projections.
+
+Query head h reads KV head h // (num_heads / num_kv_heads) (HF's `repeat_kv` layout), so heads are grouped by
+that mapping; pruning query heads keeps the same number in every KV group so the layer stays valid GQA.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+
+from ..errors import InvalidRequestError
+from .base import Adapter, GroupSpec, TensorSlice, register_adapter
+from .pruned import pruned_classes
+from .surgery import resize_linear, select_param
+
+
+@register_adapter(
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "HywiaLlamaForCausalLM",
+    "HywiaMistralForCausalLM",
+    "HywiaQwen2ForCausalLM",
+)
+class LlamaAdapter(Adapter):
+    def layers(self) -> list[nn.Module]:
+        return list(self.model.model.layers)
+
+    def layer_name(self, index: int) -> str:
+        return f"model.layers.{index}"
+
+    def head_dim(self, layer: nn.Module) -> int:
+        return layer.self_attn.head_dim
+
+    def _heads(self, layer: nn.Module) -> tuple[int, int]:
+        attn, d = layer.self_attn, self.head_dim(layer)
+        return attn.q_proj.out_features // d, attn.k_proj.out_features // d
+
+    def group_specs(self, layer: nn.Module) -> list[GroupSpec]:
+        attn, mlp = layer.self_attn, layer.mlp
+        d = self.head_dim(layer)
+        n_heads, n_kv = self._heads(layer)
+        per_group = n_heads // n_kv
+
+        def weight_and_bias(module: str, linear: nn.Linear, dim: int, block: int) -> list[TensorSlice]:
+            slices = [TensorSlice(f"{module}.weight", dim, block)]
+            if linear.bias is not None and dim == 0:
+                slices.append(TensorSlice(f"{module}.bias", 0, block))
+            return slices
+
+        if self.attention == "heads":
+            attn_spec = GroupSpec(
+                kind="head",
+                count=n_heads,
+                slices=tuple(
+                    weight_and_bias("self_attn.q_proj", attn.q_proj, 0, d)
+                    + weight_and_bias("self_attn.o_proj", attn.o_proj, 1, d)
+                ),
+                gate_module="self_attn.o_proj",
+                gate_block=d,
+            )
+        else:
+            attn_spec = GroupSpec(
+                kind="kv",
+                count=n_kv,
+                slices=tuple(
+                    weight_and_bias("self_attn.q_proj", attn.q_proj, 0, per_group * d)
+                    + weight_and_bias("self_attn.k_proj", attn.k_proj, 0, d)
+                    + weight_and_bias("self_attn.v_proj", attn.v_proj, 0, d)
+                    + weight_and_bias("self_attn.o_proj", attn.o_proj, 1, per_group * d)
+                ),
+                gate_module="self_attn.o_proj",
+                gate_block=per_group * d,
+            )
+        mlp_spec = GroupSpec(
+            kind="mlp",
+            count=mlp.gate_proj.out_features,
+            slices=tuple(
+                weight_and_bias("mlp.gate_proj", mlp.gate_proj, 0, 1)
+                + weight_and_bias("mlp.up_proj", mlp.up_proj, 0, 1)
+                + weight_and_bias("mlp.down_proj", mlp.down_proj, 1, 1)
+            ),
+            gate_module="mlp.down_proj",
+            gate_block=1,
+        )
+        return [attn_spec, mlp_spec]
+
+    def widths(self, layer: nn.Module) -> dict[str, int]:
+        n_heads, n_kv = self._heads(layer)
+        return {
+            "num_attention_heads": n_heads,
+            "num_key_value_heads": n_kv,
+            "intermediate_size": layer.mlp.gate_proj.out_features,
+        }
+
+    def shrink(self, layer: nn.Module, keep: dict[str, torch.Tensor]) -> None:
+        specs = {spec.kind: spec for spec in self.group_specs(layer)}
+        if "head" in keep:
+            n_heads, n_kv = self._heads(layer)
+            per_kv = torch.bincount(keep["head"] // (n_heads // n_kv), minlength=n_kv)
+            if len(set(per_kv.tolist())) != 1 or per_kv[0] == 0:
+                raise InvalidRequestError(
+                    f"kept query heads {keep['head'].tolist()} are not the same non-zero number per KV group"
+                )
+        for kind, kept in keep.items():
+            spec = specs[kind]
+            for s in spec.slices:
+                select_param(layer, s.param, s.dim, spec.indices(kept, s))
+        self._refresh(layer)
+
+    def resize_to(self, layer: nn.Module, widths: dict[str, int]) -> None:
+        attn, mlp, d = layer.self_attn, layer.mlp, self.head_dim(layer)
+        q_out, kv_out = widths["num_attention_heads"] * d, widths["num_key_value_heads"] * d
+        attn.q_proj = resize_linear(attn.q_proj, q_out, attn.q_proj.in_features)
+        attn.k_proj = resize_linear(attn.k_proj, kv_out, attn.k_proj.in_features)
+        attn.v_proj = resize_linear(attn.v_proj, kv_out, attn.v_proj.in_features)
+        attn.o_proj = resize_linear(attn.o_proj, attn.o_proj.out_features, q_out)
+        width = widths["intermediate_size"]
+        mlp.gate_proj = resize_linear(mlp.gate_proj, width, mlp.gate_proj.in_features)
+        mlp.up_proj = resize_linear(mlp.up_proj, width, mlp.up_proj.in_features)
+        mlp.down_proj = resize_linear(mlp.down_proj, mlp.down_proj.out_features, width)
+        self._refresh(layer)
+
+    def _refresh(self, layer: nn.Module) -> None:
+        """Forward reads widths from the Linear modules; only the GQA repeat factor is cached on the module."""
+        n_heads, n_kv = self._heads(layer)
+        layer.self_attn.num_key_value_groups = n_heads // n_kv
+        if hasattr(layer.mlp, "intermediate_size"):
+            layer.mlp.intermediate_size = layer.mlp.gate_proj.out_features
+
+
+for _family in (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM):
+    pruned_classes(_family)

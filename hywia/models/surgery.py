@@ -1,0 +1,30 @@
+"""Tensor-level helpers shared by adapters: select rows/columns of a parameter, resize a Linear."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def select_param(root: nn.Module, name: str, dim: int, index: torch.Tensor) -> None:
+    """Replace parameter `name` (relative to `root`) by its entries `index` along `dim`; fix Linear sizes."""
+    module_name, _, param_name = name.rpartition(".")
+    module = root.get_submodule(module_name)
+    old = getattr(module, param_name)
+    new = nn.Parameter(old.data.index_select(dim, index.to(old.device)).clone(), requires_grad=old.requires_grad)
+    setattr(module, param_name, new)
+    if isinstance(module, nn.Linear) and param_name == "weight":
+        module.out_features, module.in_features = new.shape
+
+
+def resize_linear(linear: nn.Linear, out_features: int, in_features: int) -> nn.Linear:
+    """A Linear of the new shape on the same device and dtype (its values are loaded or set afterwards)."""
+    if (linear.out_features, linear.in_features) == (out_features, in_features):
+        return linear
+    return nn.Linear(
+        in_features,
+        out_features,
+        bias=linear.bias is not None,
+        device=linear.weight.device,
+        dtype=linear.weight.dtype,
+    )

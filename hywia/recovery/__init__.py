@@ -1,0 +1,1 @@
+"""LoRA recovery of pruned models (peft + transformers' Trainer)."""

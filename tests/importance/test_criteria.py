@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from hywia.importance import ScoringContext, available_criteria, collect_statistics, get_criterion
+from hywia.importance.fusion import FusionAttention, HywiaFusion
+from hywia.errors import InvalidRequestError
+from hywia.models import adapter_for
+from hywia.pruning import allocate_uniform, select
+
+ALL = ["random", "magnitude", "taylor-vector", "taylor-element1", "taylor-element2", "wanda-sp", "fixed:0.5", "hywia"]
+
+
+def _context(model, seed=0, attention="heads", ratio=0.3):
+    adapter = adapter_for(model, attention)
+    layers = [0, 1, 2, 3]
+    batches = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(0))
+    stats = collect_statistics(model, adapter, layers, batches, progress=False)
+    specs = {i: adapter.group_specs(adapter.layers()[i]) for i in layers}
+    keep = allocate_uniform(adapter, layers, ratio)
+    return ScoringContext(model, adapter, layers, specs, batches, keep, seed, stats, progress=False)
+
+
+def test_registry_lists_every_criterion():
+    assert {"random", "magnitude", "taylor-vector", "taylor-element1", "taylor-element2", "wanda-sp", "fixed",
+            "hywia"} <= set(available_criteria())
+    with pytest.raises(InvalidRequestError):
+        get_criterion("nope")
+    with pytest.raises(InvalidRequestError):
+        get_criterion("fixed:2")
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("name", ALL)
+def test_every_criterion_scores_every_group(tiny_model_factory, family, name):
+    ctx = _context(tiny_model_factory(family))
+    scores = get_criterion(name).score(ctx)
+    for layer, spec in ctx.items():
+        score = scores[(layer, spec.kind)]
+        assert score.shape == (spec.count,) and torch.isfinite(score).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_same_seed_same_groups(tiny_model_factory, name):
+    plans = []
+    for _ in range(2):
+        ctx = _context(tiny_model_factory("llama"), seed=3)
+        plans.append(select(ctx.adapter, get_criterion(name).score(ctx), ctx.keep))
+    assert plans[0] == plans[1]
+
+
+def test_statistics_match_autograd(tiny_model_factory):
+    """grad is the mean of per-sample gradients and fisher the mean of their squares."""
+    from hywia.importance.collect import lm_loss
+
+    model = tiny_model_factory("llama")
+    ctx = _context(model)
+    name = "model.layers.1.mlp.down_proj.weight"
+    param = model.get_parameter(name)
+    grads = []
+    for sample in ctx.batches:
+        param.grad = None
+        lm_loss(model, sample[None]).backward()
+        grads.append(param.grad.clone())
+    grads = torch.stack(grads)
+    torch.testing.assert_close(ctx.stats.grad[name], grads.mean(0), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(ctx.stats.fisher[name], grads.square().mean(0), rtol=1e-4, atol=1e-9)
+
+
+def test_fine_and_coarse_follow_their_definitions(tiny_model_factory):
+    ctx = _context(tiny_model_factory("llama"))
+    fine = get_criterion("taylor-element1").score(ctx)
+    coarse = get_criterion("taylor-vector").score(ctx)
+    layer, spec = next(iter(ctx.items()))
+    s = spec.slices[0]
+    name = ctx.full_name(layer, s)
+    saliency = (ctx.stats.grad[name] * ctx.param(layer, s)).movedim(s.dim, 0).reshape(spec.count, -1)
+    assert (fine[(layer, spec.kind)] >= coarse[(layer, spec.kind)] - 1e-12).all()  # triangle inequality
+    assert fine[(layer, spec.kind)][0] >= saliency[0].abs().sum()
+
+
+def test_fixed_blend_endpoints_are_the_granularities(tiny_model_factory):
+    ctx = _context(tiny_model_factory("llama"))
+    fine = get_criterion("fixed:1").score(ctx)
+    element = get_criterion("taylor-element1").score(ctx)
+    for key in fine:
+        torch.testing.assert_close(fine[key], element[key] / element[key].mean())
+
+
+def test_fusion_starts_at_half_half_and_learns(tiny_model_factory):
+    attention = FusionAttention(seed=0)
+    alpha = attention(torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64),
+                      torch.randn(4, dtype=torch.float64))
+    torch.testing.assert_close(alpha, torch.full((5, 2), 0.5, dtype=torch.float64))
+    ctx = _context(tiny_model_factory("llama"))
+    untrained = HywiaFusion(steps=0).score(ctx)
+    half = get_criterion("fixed:0.5").score(ctx)
+    for key in half:
+        torch.testing.assert_close(untrained[key], half[key])
+    learned = HywiaFusion(steps=5, batch_size=2)
+    learned.score(ctx)
+    summary = learned.summary()
+    assert summary["steps"] == 5 and summary["alpha_fine_mean"] != 0.5
+    assert all(p.requires_grad for p in ctx.model.parameters())

@@ -1,0 +1,84 @@
+"""`hywia.prune` end to end on tiny models, and its refusals of bad input."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from conftest import TINY_TEXT
+from hywia import prune
+from hywia.errors import CalibrationError, InvalidRequestError, UnsupportedModelError
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text("\n\n".join([TINY_TEXT] * 6))
+    return path
+
+
+def _prune(model, tokenizer, calib, **kwargs):
+    defaults = dict(tokenizer=tokenizer, calib=calib, calib_samples=4, seq_len=32, layers="0:4",
+                    ppl_text=str(calib), ppl_tokens=256, progress=False)
+    defaults.update(kwargs)
+    return prune(model, **defaults)
+
+
+@pytest.mark.parametrize("criterion", ["hywia", "taylor-element2", "wanda-sp"])
+def test_prune_saves_a_reloadable_model_and_report(tiny_model_factory, tiny_tokenizer, calib_file, tmp_path,
+                                                   criterion):
+    model = tiny_model_factory("llama")
+    out = tmp_path / "pruned"
+    result = _prune(model, tiny_tokenizer, calib_file, ratio=0.3, criterion=criterion, out=out)
+    report = json.loads((out / "report.json").read_text())
+    for key in ("model", "criterion", "ratio_requested", "ratio_achieved", "params_before", "params_after",
+                "layers", "ppl_before", "ppl_after", "fusion", "seconds", "peak_rss_mb", "ppl_text"):
+        assert key in report
+    assert abs(report["ratio_achieved"] - 0.3) < 0.01
+    assert report["params_after"] < report["params_before"]
+    assert (out / "plan.json").is_file() and (out / "tokenizer.json").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, result.model(input_ids=ids).logits,
+                                   atol=0, rtol=0)
+
+
+def test_bad_ratio_and_existing_output_fail_before_work(tiny_model_factory, tiny_tokenizer, calib_file, tmp_path):
+    model = tiny_model_factory("llama")
+    for ratio in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(InvalidRequestError, match="ratio"):
+            _prune(model, tiny_tokenizer, calib_file, ratio=ratio)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(InvalidRequestError, match="--force"):
+        _prune(model, tiny_tokenizer, calib_file, ratio=0.2, out=tmp_path / "out")
+    with pytest.raises(InvalidRequestError, match="empty"):
+        _prune(model, tiny_tokenizer, calib_file, ratio=0.5, layers="1:2")
+
+
+def test_unsupported_architecture(tiny_tokenizer, calib_file):
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=300))
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
+        _prune(gpt2, tiny_tokenizer, calib_file, ratio=0.2)
+
+
+def test_short_or_empty_calibration_text(tiny_model_factory, tiny_tokenizer, tmp_path):
+    model = tiny_model_factory("llama")
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words")
+    with pytest.raises(CalibrationError, match="too short"):
+        _prune(model, tiny_tokenizer, short, ratio=0.2, ppl_text=None)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(CalibrationError, match="empty"):
+        _prune(model, tiny_tokenizer, empty, ratio=0.2, ppl_text=None)
+
+
+def test_non_finite_gradients_are_reported(tiny_model_factory, tiny_tokenizer, calib_file, tmp_path):
+    model = tiny_model_factory("llama")
+    with torch.no_grad():
+        model.model.layers[2].mlp.up_proj.weight[0, 0] = float("inf")
+    with pytest.raises(CalibrationError, match="non-finite"):
+        _prune(model, tiny_tokenizer, calib_file, ratio=0.2, ppl_text=None, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
