@@ -4,21 +4,25 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import InvalidRequestError
 from ..models import Adapter, GroupSpec, TensorSlice
-from .collect import Statistics
+from ..offload import resident
+
+if TYPE_CHECKING:  # statistics.py builds on this module's `blocks`
+    from .statistics import Statistics
 
 LayerKind = tuple[int, str]
 
 
 @dataclass
 class ScoringContext:
-    """Everything a criterion may read. `keep` says how many groups of each (layer, kind) will stay."""
+    """Everything a criterion may read. `keep` says how many groups of each (layer, kind) stay under a uniform
+    allocation; `allocate`, when set, computes the counts of a score-dependent (global) allocation instead."""
 
     model: nn.Module
     adapter: Adapter
@@ -29,9 +33,13 @@ class ScoringContext:
     seed: int = 0
     stats: Statistics | None = None
     progress: bool = True
+    allocate: Callable[[dict[LayerKind, torch.Tensor]], dict[LayerKind, int]] | None = None
 
     def param(self, layer: int, s: TensorSlice) -> torch.Tensor:
-        return self.model.get_parameter(self.full_name(layer, s)).detach().float()
+        """A weight as float; the layer's weights are loaded for the call when accelerate offloads them."""
+        module = self.model.get_submodule(self.adapter.layer_name(layer))
+        with resident(module):
+            return module.get_parameter(s.param).detach().float()
 
     def full_name(self, layer: int, s: TensorSlice) -> str:
         return f"{self.adapter.layer_name(layer)}.{s.param}"
@@ -88,7 +96,7 @@ def get_criterion(spec: str) -> Criterion:
 
 def blocks(tensor: torch.Tensor, s: TensorSlice, count: int) -> torch.Tensor:
     """A per-weight map reshaped to [count, elements of each group] for one slice."""
-    return tensor.movedim(s.dim, 0).reshape(count, -1)
+    return tensor.movedim(s.dim, 0).narrow(0, s.offset, count * s.block).reshape(count, -1)
 
 
 def reduce_groups(

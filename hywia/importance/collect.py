@@ -1,39 +1,31 @@
-"""One calibration pass: per-weight gradient statistics and per-channel input activation statistics.
+"""One calibration pass: group-level Taylor terms of the pruned layers and per-channel input activation sums.
 
-Criteria read these and never run the model themselves (the learned fusion aside). Gradients are taken one
-sample at a time so the Fisher diagonal is the mean of per-sample squared gradients, not the square of a mean.
+Criteria read these and never run the model themselves (the learned fusion aside). Gradients are taken one sample
+at a time so the Fisher diagonal is the mean of per-sample squared gradients, not the square of a mean. Two paths
+give the same statistics:
+
+- `layerwise` (default): the layer-by-layer pass of `hywia.importance.layerwise`; only one layer's gradients and
+  accumulators exist at a time.
+- `plain`: one full backward per sample, accumulating every pruned weight's gradient and squared gradient at once
+  (about twice the pruned layers' weights in extra memory); kept as the reference the other path is tested
+  against, and it also keeps the per-weight `grad`/`fisher`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import CalibrationError
+from ..errors import InvalidRequestError
 from ..models import Adapter
+from ..offload import execution_device, is_offloaded
+from .statistics import Statistics, accumulate, activation_hooks, check_finite, lm_loss, taylor_terms
+from .layerwise import STORES, layerwise_gradients
 
+PATHS = ("layerwise", "plain")
 
-@dataclass
-class Statistics:
-    """What the calibration pass collected for the tensors of the pruned layers (keys: full parameter names)."""
-
-    grad: dict[str, torch.Tensor] = field(default_factory=dict)
-    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
-    act_sq: dict[str, torch.Tensor] = field(default_factory=dict)
-    act_sum: dict[str, torch.Tensor] = field(default_factory=dict)
-    tokens: int = 0
-    samples: int = 0
-    loss: float = float("nan")
-
-
-def lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean causal-LM loss of a batch of windows."""
-    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+__all__ = ["PATHS", "Statistics", "collect_statistics", "lm_loss"]
 
 
 def collect_statistics(
@@ -45,68 +37,90 @@ def collect_statistics(
     gradients: bool = True,
     activations: bool = True,
     progress: bool = True,
+    path: str = "layerwise",
+    store: str = "auto",
 ) -> Statistics:
-    """Run the calibration windows through the model once, one sample per step."""
-    stats = Statistics()
-    device = next(model.parameters()).device
+    """Run the calibration windows through the model, one sample per step.
+
+    `store` (layerwise path only) says where the per-sample layer inputs and upstream gradients wait: `memory`
+    (host memory), `disk` (a temporary folder) or `auto` (disk when the model computes on the CPU, whose memory is
+    the one being saved; host memory next to an accelerator).
+    """
+    if path not in PATHS:
+        raise InvalidRequestError(f"importance path must be one of {', '.join(PATHS)}, got {path!r}")
+    if store not in STORES:
+        raise InvalidRequestError(f"activation store must be one of {', '.join(STORES)}, got {store!r}")
+    if gradients and path == "plain" and is_offloaded(model):
+        raise InvalidRequestError("an offloaded model needs the layerwise importance path")
     prefixes = [adapter.layer_name(i) + "." for i in layer_indices]
-    tracked = {n: p for n, p in model.named_parameters() if any(n.startswith(pre) for pre in prefixes)}
-    hooks = []
-    if activations:
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and any(name.startswith(pre) for pre in prefixes):
-                hooks.append(module.register_forward_pre_hook(_activation_hook(stats, name)))
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    for name, param in model.named_parameters():
-        param.requires_grad_(gradients and name in tracked)
     was_training = model.training
     model.eval()
-    total_loss = 0.0
     try:
-        for sample in tqdm(batches, desc="calibration", disable=not progress, leave=False):
-            input_ids = sample[None].to(device)
-            if gradients:
-                loss = lm_loss(model, input_ids)
-                loss.backward()
-                for name, param in tracked.items():
-                    grad = param.grad.detach().float()
-                    param.grad = None
-                    if not torch.isfinite(grad).all():
-                        raise CalibrationError(
-                            f"non-finite gradient in {name}; try --dtype float32 or other calibration text"
-                        )
-                    _accumulate(stats.grad, name, grad)
-                    _accumulate(stats.fisher, name, grad.square())
-            else:
-                with torch.no_grad():
-                    loss = lm_loss(model, input_ids)
-            total_loss += loss.item()
-            stats.tokens += input_ids.numel()
-            stats.samples += 1
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if not gradients:
+            return _forward_only(model, batches, prefixes, activations, progress)
+        if path == "plain":
+            return _plain(model, adapter, layer_indices, batches, prefixes, activations, progress)
+        return layerwise_gradients(model, adapter, layer_indices, batches, activations=activations,
+                                   progress=progress, store=store)
     finally:
-        for hook in hooks:
-            hook.remove()
         for name, param in model.named_parameters():
             param.requires_grad_(requires_grad[name])
         model.train(was_training)
-    for table in (stats.grad, stats.fisher):
-        for name in table:
-            table[name] /= stats.samples
+
+
+def _forward_only(model: nn.Module, batches: torch.Tensor, prefixes: list[str], activations: bool,
+                  progress: bool) -> Statistics:
+    """Activation sums and the loss, without gradients (the same for both paths: nothing per weight is kept)."""
+    stats = Statistics()
+    device = execution_device(model)
+    total_loss = 0.0
+    with activation_hooks(model, stats, prefixes if activations else []), torch.no_grad():
+        for sample in tqdm(batches, desc="calibration", disable=not progress, leave=False):
+            input_ids = sample[None].to(device)
+            total_loss += lm_loss(model, input_ids).item()
+            stats.tokens += input_ids.numel()
+            stats.samples += 1
     stats.loss = total_loss / max(stats.samples, 1)
     return stats
 
 
-def _accumulate(table: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
-    if name in table:
-        table[name] += value
-    else:
-        table[name] = value.clone()
-
-
-def _activation_hook(stats: Statistics, module_name: str):
-    def hook(module: nn.Module, args: tuple) -> None:
-        x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-        _accumulate(stats.act_sq, f"{module_name}.weight", x.square().sum(0))
-        _accumulate(stats.act_sum, f"{module_name}.weight", x.sum(0))
-
-    return hook
+def _plain(model: nn.Module, adapter: Adapter, layer_indices: list[int], batches: torch.Tensor,
+           prefixes: list[str], activations: bool, progress: bool) -> Statistics:
+    """Full backward per sample; every pruned weight's gradient statistics are accumulated at once."""
+    stats = Statistics()
+    device = execution_device(model)
+    tracked = {n: p for n, p in model.named_parameters() if any(n.startswith(pre) for pre in prefixes)}
+    for param in tracked.values():
+        param.requires_grad_(True)
+    total_loss = 0.0
+    with activation_hooks(model, stats, prefixes if activations else []):
+        for sample in tqdm(batches, desc="calibration", disable=not progress, leave=False):
+            input_ids = sample[None].to(device)
+            loss = lm_loss(model, input_ids)
+            loss.backward()
+            for name, param in tracked.items():
+                grad = param.grad.detach().float()
+                param.grad = None
+                check_finite(name, grad)
+                accumulate(stats.grad, name, grad)
+                accumulate(stats.fisher, name, grad.square())
+            total_loss += loss.item()
+            stats.tokens += input_ids.numel()
+            stats.samples += 1
+    for table in (stats.grad, stats.fisher):
+        for name in table:
+            table[name] /= stats.samples
+    stats.loss = total_loss / max(stats.samples, 1)
+    layers = adapter.layers()
+    for index in layer_indices:
+        prefix = adapter.layer_name(index)
+        for spec in adapter.group_specs(layers[index]):
+            stats.taylor[(index, spec.kind)] = taylor_terms(spec, (
+                (s, layers[index].get_parameter(s.param).detach().float(),
+                 stats.grad[f"{prefix}.{s.param}"], stats.fisher[f"{prefix}.{s.param}"])
+                for s in spec.slices
+            ))
+    return stats

@@ -7,6 +7,10 @@ tokens and I = alpha_fine * F + alpha_coarse * C. The few attention parameters a
 model frozen: I drives soft gates sigmoid((I - tau) / T) on head outputs and MLP channels at the target ratio
 (tau = the ratio's quantile of I in that layer and kind, T annealed towards 0), minimising the LM loss on the
 calibration windows. The attention starts at alpha = (1/2, 1/2).
+
+With a global allocation the soft mask sees it: one threshold over all pruned layers on log(I) + log(scale)
+- log(parameters per group), where each (layer, kind)'s scale starts at its mean raw saliency and is learned
+with the blend, so the end-to-end objective also decides how much each layer gives up.
 """
 
 from __future__ import annotations
@@ -27,12 +31,18 @@ FINE_ORDER = 1
 COARSE_ORDER = 1
 
 
-def granularities(ctx: ScoringContext) -> tuple[dict[LayerKind, torch.Tensor], dict[LayerKind, torch.Tensor]]:
-    """Normalised (mean 1 per layer and kind) fine- and coarse-grained scores."""
-    return (
-        normalise(taylor_scores(ctx, "fine", FINE_ORDER)),
-        normalise(taylor_scores(ctx, "coarse", COARSE_ORDER)),
-    )
+def granularities(
+    ctx: ScoringContext,
+) -> tuple[dict[LayerKind, torch.Tensor], dict[LayerKind, torch.Tensor], dict[LayerKind, float]]:
+    """Normalised (mean 1 per layer and kind) fine- and coarse-grained scores, and each layer-kind's scale.
+
+    The scale (mean raw fine-grained saliency) turns a blend of normalised scores back into loss units, so that
+    blended scores stay comparable across layers for a global allocation.
+    """
+    fine = taylor_scores(ctx, "fine", FINE_ORDER)
+    coarse = taylor_scores(ctx, "coarse", COARSE_ORDER)
+    scale = {key: float(value.mean()) for key, value in fine.items()}
+    return normalise(fine), normalise(coarse), scale
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -56,8 +66,8 @@ class FixedBlend(Criterion):
             raise ValueError("the blend weight must lie in [0, 1]")
 
     def score(self, ctx: ScoringContext) -> dict[LayerKind, torch.Tensor]:
-        fine, coarse = granularities(ctx)
-        return {key: self.alpha * fine[key] + (1 - self.alpha) * coarse[key] for key in fine}
+        fine, coarse, scale = granularities(ctx)
+        return {key: (self.alpha * fine[key] + (1 - self.alpha) * coarse[key]) * scale[key] for key in fine}
 
     def summary(self) -> dict:
         return {"alpha_fine": self.alpha}
@@ -105,14 +115,16 @@ class HywiaFusion(Criterion):
         batch_size: int = 4,
         lr: float = 0.05,
         temperature: tuple[float, float] = (0.3, 0.01),
+        log_temperature: tuple[float, float] = (1.0, 0.05),
     ) -> None:
         if steps < 0:
             raise ValueError("steps must be >= 0")
-        self.steps, self.batch_size, self.lr, self.temperature = steps, batch_size, lr, temperature
+        self.steps, self.batch_size, self.lr = steps, batch_size, lr
+        self.temperature, self.log_temperature = temperature, log_temperature
         self._summary: dict = {}
 
     def score(self, ctx: ScoringContext) -> dict[LayerKind, torch.Tensor]:
-        fine, coarse = granularities(ctx)
+        fine, coarse, scale = granularities(ctx)
         keys = list(fine)
         n_layers = len(ctx.adapter.layers())
         tokens = {k: (_token_features(fine[k]), _token_features(coarse[k])) for k in keys}
@@ -125,52 +137,95 @@ class HywiaFusion(Criterion):
             for k in keys
         }
         attention = FusionAttention(seed=ctx.seed)
+        # Log of each (layer, kind)'s scale: it ranks the layers against each other in a global allocation.
+        # Initialised at the mean raw saliency; learned with the blend when the allocation is global.
+        log_scale = nn.Parameter(torch.tensor([math.log(max(scale[k], 1e-30)) for k in keys], dtype=torch.float64))
+        initial_log_scale = log_scale.detach().clone()
 
         def blend() -> tuple[dict[LayerKind, torch.Tensor], dict[LayerKind, torch.Tensor]]:
             alphas = {k: attention(*tokens[k], context[k]) for k in keys}
             return {k: alphas[k][:, 0] * fine[k] + alphas[k][:, 1] * coarse[k] for k in keys}, alphas
 
-        losses = self._learn(ctx, attention, blend) if self.steps else []
+        if ctx.allocate is None:
+            losses = self._learn_uniform(ctx, attention, blend) if self.steps else []
+        else:
+            # The soft mask sees the global allocation: one threshold over all layers, on score per parameter.
+            keep = ctx.allocate({k: 0.5 * (fine[k] + coarse[k]) * scale[k] for k in keys})
+            losses = self._learn_global(ctx, attention, blend, log_scale, keys, keep) if self.steps else []
         with torch.no_grad():
             scores, alphas = blend()
+        learned_log_scale = log_scale.detach()
         self._summary = {
             "alpha_fine_mean": float(torch.cat([a[:, 0] for a in alphas.values()]).mean()),
             "per_layer": [
                 {"layer": k[0], "kind": k[1], "alpha_fine": float(alphas[k][:, 0].mean()),
                  "alpha_fine_std": float(alphas[k][:, 0].std()) if alphas[k].shape[0] > 1 else 0.0,
-                 "rank_agreement": agreement[k]}
-                for k in keys
+                 "rank_agreement": agreement[k],
+                 "log_scale_learned_shift": float(learned_log_scale[i] - initial_log_scale[i])}
+                for i, k in enumerate(keys)
             ],
             "steps": self.steps,
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None,
         }
-        return {k: v.detach() for k, v in scores.items()}
+        return {k: scores[k] * float(learned_log_scale[i].exp()) for i, k in enumerate(keys)}
 
     def summary(self) -> dict:
         return self._summary
 
-    def _learn(self, ctx: ScoringContext, attention: FusionAttention, blend) -> list[float]:
-        """Minimise the LM loss under soft gates at the target ratio; returns the loss per step."""
+    def _learn_uniform(self, ctx: ScoringContext, attention: FusionAttention, blend) -> list[float]:
+        """Soft gates per layer and kind at the uniform allocation's share (tau = that share's quantile of I)."""
+        specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
+        removed_share = {k: 1 - ctx.keep[k] / specs[k].count for k in specs}
+
+        def gates(temperature: float) -> dict[LayerKind, torch.Tensor]:
+            scores, _ = blend()
+            return {k: torch.sigmoid((scores[k] - torch.quantile(scores[k], share)) / temperature)
+                    for k, share in removed_share.items() if share > 0}
+
+        return self._optimise(ctx, list(attention.parameters()), gates, self.temperature)
+
+    def _learn_global(
+        self, ctx: ScoringContext, attention: FusionAttention, blend, log_scale: nn.Parameter,
+        keys: list[LayerKind], keep: dict[LayerKind, int],
+    ) -> list[float]:
+        """Soft gates on log score per parameter against one global threshold, learning the layer scales too."""
+        specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
+        layers = ctx.adapter.layers()
+        cost = {k: sum(layers[k[0]].get_parameter(s.param).numel() // specs[k].count for s in specs[k].slices)
+                for k in keys}
+        target = sum((specs[k].count - keep[k]) * cost[k] for k in keys)
+        costs = torch.cat([torch.full((specs[k].count,), float(cost[k]), dtype=torch.float64) for k in keys])
+
+        def gates(temperature: float) -> dict[LayerKind, torch.Tensor]:
+            scores, _ = blend()
+            z = torch.cat([scores[k].clamp_min(1e-12).log() + log_scale[i] - math.log(cost[k])
+                           for i, k in enumerate(keys)])
+            order = z.detach().argsort()
+            cut = int(torch.searchsorted(costs[order].cumsum(0), torch.tensor(float(target), dtype=torch.float64)))
+            tau = z.detach()[order[min(cut, z.numel() - 1)]]
+            soft = torch.sigmoid((z - tau) / temperature)
+            return dict(zip(keys, soft.split([specs[k].count for k in keys])))
+
+        return self._optimise(ctx, [*attention.parameters(), log_scale], gates, self.log_temperature)
+
+    def _optimise(self, ctx: ScoringContext, params: list, gates_at, temperature: tuple[float, float]) -> list[float]:
+        """Minimise the LM loss of the frozen model under the soft gates, annealing T; returns the loss per step."""
         if ctx.batches.shape[0] == 0:
             raise InvalidRequestError("the learned fusion needs calibration samples")
         device = next(ctx.model.parameters()).device
         dtype = next(ctx.model.parameters()).dtype
-        optimizer = torch.optim.Adam(attention.parameters(), lr=self.lr)
+        optimizer = torch.optim.Adam(params, lr=self.lr)
         specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
-        removed_share = {k: 1 - ctx.keep[k] / specs[k].count for k in specs}
         generator = torch.Generator().manual_seed(ctx.seed)
-        t_start, t_end = self.temperature
+        t_start, t_end = temperature
         losses = []
         gates: dict[LayerKind, torch.Tensor] = {}
         with _frozen(ctx.model), _gated(ctx, specs, gates):
             for step in tqdm(range(self.steps), desc="fusion", disable=not ctx.progress, leave=False):
-                temperature = t_start * (t_end / t_start) ** (step / max(self.steps - 1, 1))
-                scores, _ = blend()
-                for k, share in removed_share.items():
-                    if share > 0:
-                        tau = torch.quantile(scores[k], share)
-                        gates[k] = torch.sigmoid((scores[k] - tau) / temperature).to(device, dtype)
+                t = t_start * (t_end / t_start) ** (step / max(self.steps - 1, 1))
+                gates.clear()
+                gates.update({k: g.to(device, dtype) for k, g in gates_at(t).items()})
                 pick = torch.randint(ctx.batches.shape[0], (self.batch_size,), generator=generator)
                 loss = lm_loss(ctx.model, ctx.batches[pick].to(device))
                 optimizer.zero_grad()

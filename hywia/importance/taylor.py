@@ -2,27 +2,20 @@
 
 s1 = g * W (first order), s2 = g * W - 1/2 * W * F * W with F the Fisher diagonal (second order).
 Fine (element) = sum of |s| over the group's weights; coarse (vector) = sum over slices of |sum of s|.
+The calibration pass reduces the per-weight saliency to these group terms (`Statistics.taylor`) while each layer's
+gradients exist; the criteria only pick one.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..models import TensorSlice
-from .base import Criterion, LayerKind, ScoringContext, reduce_groups, register_criterion
-
-
-def saliency(ctx: ScoringContext, layer: int, s: TensorSlice, order: int) -> torch.Tensor:
-    name = ctx.full_name(layer, s)
-    weight = ctx.param(layer, s)
-    first = ctx.stats.grad[name] * weight
-    if order == 1:
-        return first
-    return first - 0.5 * weight * ctx.stats.fisher[name] * weight
+from .base import Criterion, LayerKind, ScoringContext, register_criterion
 
 
 def taylor_scores(ctx: ScoringContext, mode: str, order: int) -> dict[LayerKind, torch.Tensor]:
-    return reduce_groups(ctx, lambda layer, s: saliency(ctx, layer, s, order), mode)
+    return {(layer, spec.kind): ctx.stats.taylor[(layer, spec.kind)].get(mode, order).clone()
+            for layer, spec in ctx.items()}
 
 
 class _Taylor(Criterion):

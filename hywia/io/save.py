@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import InvalidRequestError
+from . import remote_code
 
 
 def check_output(out: Path, force: bool) -> None:
@@ -45,8 +46,27 @@ def save_model(model, tokenizer, out: Path, *, extra_json: dict[str, dict] | Non
     """Model (safetensors + config with per-layer widths), tokenizer and JSON side files, atomically."""
     with atomic_dir(Path(out), force=force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        if model.config.model_type in remote_code.MODEL_TYPES:  # only pruned classes have these types
+            add_remote_code(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, payload in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(payload, indent=2))
     return Path(out)
+
+
+def add_remote_code(model, folder: Path) -> None:
+    """Copy the self-contained modeling files into a saved pruned folder and point config.json's auto_map at them.
+
+    Then transformers alone loads the folder with trust_remote_code=True; where hywia is imported, its registered
+    classes still take precedence and no remote code runs.
+    """
+    for name in remote_code.FILES:
+        shutil.copyfile(remote_code.DIR / name, folder / name)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {
+        "AutoConfig": f"configuration_hywia.{type(model.config).__name__}",
+        "AutoModelForCausalLM": f"modeling_hywia.{type(model).__name__}",
+    }
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -18,14 +18,16 @@ from ..errors import UnsupportedModelError
 
 @dataclass(frozen=True)
 class TensorSlice:
-    """One tensor a group kind owns: group i holds `block` consecutive entries along `dim`, at offset i*block.
+    """One tensor a group kind owns: group i holds `block` consecutive entries along `dim`, at offset + i*block.
 
-    `param` is the parameter's name relative to the decoder layer (e.g. "self_attn.q_proj.weight").
+    `param` is the parameter's name relative to the decoder layer (e.g. "self_attn.q_proj.weight"). `offset` places
+    the groups inside a fused tensor (the k rows of a packed [q; k; v] projection start at num_heads * head_dim).
     """
 
     param: str
     dim: int
     block: int
+    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,8 @@ class GroupSpec:
 
     def indices(self, groups: torch.Tensor, s: TensorSlice) -> torch.Tensor:
         """Element indices along `s.dim` owned by `groups`."""
-        return (groups[:, None] * s.block + torch.arange(s.block, device=groups.device)[None, :]).reshape(-1)
+        block = torch.arange(s.block, device=groups.device)
+        return (s.offset + groups[:, None] * s.block + block[None, :]).reshape(-1)
 
 
 class Adapter(ABC):

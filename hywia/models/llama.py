@@ -13,7 +13,10 @@ from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 from ..errors import InvalidRequestError
 from .base import Adapter, GroupSpec, TensorSlice, register_adapter
 from .pruned import pruned_classes
-from .surgery import resize_linear, select_param
+from .surgery import add_bias, resize_linear, select_param
+
+# Output projections that compensation may give a bias the family's config does not declare.
+OUTPUT_PROJECTIONS = ("self_attn.o_proj", "mlp.down_proj")
 
 
 @register_adapter(
@@ -50,7 +53,7 @@ class LlamaAdapter(Adapter):
                 slices.append(TensorSlice(f"{module}.bias", 0, block))
             return slices
 
-        if self.attention == "heads":
+        if self.attention == "heads" and per_group > 1:
             attn_spec = GroupSpec(
                 kind="head",
                 count=n_heads,
@@ -61,7 +64,7 @@ class LlamaAdapter(Adapter):
                 gate_module="self_attn.o_proj",
                 gate_block=d,
             )
-        else:
+        else:  # whole KV groups; with MHA (one query head per KV head) this is how a head goes
             attn_spec = GroupSpec(
                 kind="kv",
                 count=n_kv,
@@ -87,13 +90,17 @@ class LlamaAdapter(Adapter):
         )
         return [attn_spec, mlp_spec]
 
-    def widths(self, layer: nn.Module) -> dict[str, int]:
+    def widths(self, layer: nn.Module) -> dict:
         n_heads, n_kv = self._heads(layer)
-        return {
+        widths = {
             "num_attention_heads": n_heads,
             "num_key_value_heads": n_kv,
             "intermediate_size": layer.mlp.gate_proj.out_features,
         }
+        added = [name for name in OUTPUT_PROJECTIONS if _has_added_bias(layer, name, self.model.config)]
+        if added:
+            widths["added_biases"] = added
+        return widths
 
     def shrink(self, layer: nn.Module, keep: dict[str, torch.Tensor]) -> None:
         specs = {spec.kind: spec for spec in self.group_specs(layer)}
@@ -121,6 +128,8 @@ class LlamaAdapter(Adapter):
         mlp.gate_proj = resize_linear(mlp.gate_proj, width, mlp.gate_proj.in_features)
         mlp.up_proj = resize_linear(mlp.up_proj, width, mlp.up_proj.in_features)
         mlp.down_proj = resize_linear(mlp.down_proj, mlp.down_proj.out_features, width)
+        for name in widths.get("added_biases", []):
+            add_bias(layer.get_submodule(name))
         self._refresh(layer)
 
     def _refresh(self, layer: nn.Module) -> None:
@@ -129,6 +138,11 @@ class LlamaAdapter(Adapter):
         layer.self_attn.num_key_value_groups = n_heads // n_kv
         if hasattr(layer.mlp, "intermediate_size"):
             layer.mlp.intermediate_size = layer.mlp.gate_proj.out_features
+
+
+def _has_added_bias(layer: nn.Module, name: str, config) -> bool:
+    declared = getattr(config, "attention_bias" if "attn" in name else "mlp_bias", False)
+    return layer.get_submodule(name).bias is not None and not declared
 
 
 for _family in (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM):

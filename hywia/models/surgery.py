@@ -28,3 +28,10 @@ def resize_linear(linear: nn.Linear, out_features: int, in_features: int) -> nn.
         device=linear.weight.device,
         dtype=linear.weight.dtype,
     )
+
+
+def add_bias(linear: nn.Linear) -> None:
+    """Give a Linear a zero bias (compensation writes into it), unless it has one."""
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                               device=linear.weight.device))

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..models import adapter_for, mark_pruned
+from ..offload import editable
 from .plan import PruningPlan
 
 
@@ -14,7 +15,8 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
     adapter = adapter_for(model, plan.attention)
     layers = adapter.layers()
     for index, keep in plan.layers.items():
-        adapter.shrink(layers[index], {kind: torch.tensor(kept, dtype=torch.long) for kind, kept in keep.items()})
+        with editable(layers[index]):  # an offloaded layer is loaded, cut, and offloaded again at its new size
+            adapter.shrink(layers[index], {kind: torch.tensor(kept, dtype=torch.long) for kind, kept in keep.items()})
     mark_pruned(model)
     return model
 

@@ -6,13 +6,14 @@ model.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import InvalidRequestError
-from ..models import Adapter, GroupSpec
+from ..models import Adapter, GroupSpec, TensorSlice
 
 LayerKind = tuple[int, str]
 
@@ -57,17 +58,40 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
 
 def group_cost(layer: torch.nn.Module, spec: GroupSpec) -> int:
     """Parameters one group of this kind owns."""
-    return sum(layer.get_parameter(s.param).numel() // spec.count for s in spec.slices)
+    return sum(_slice_cost(layer.get_parameter(s.param), s) for s in spec.slices)
 
 
-def allocate_uniform(adapter: Adapter, layer_indices: list[int], ratio: float) -> dict[LayerKind, int]:
+def _slice_cost(param: torch.Tensor, s: TensorSlice) -> int:
+    """Entries one group owns in a slice: `block` positions along `dim` (a fused tensor holds several slices)."""
+    return param.numel() // param.shape[s.dim] * s.block
+
+
+def _check_ratio(ratio: float) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise InvalidRequestError(f"ratio must lie in (0, 1), got {ratio}")
+
+
+def _unit(adapter: Adapter, layer: torch.nn.Module, spec: GroupSpec) -> int:
+    """Groups removed together: one query head from every KV group, otherwise a single group."""
+    return _kv_count(adapter, layer) if spec.kind == "head" else 1
+
+
+def _round_keep(keep: int, count: int, unit: int, round_to: int) -> int:
+    """Round a kept count to a multiple of `round_to` (when that stays a multiple of the unit), within [unit, count]."""
+    if round_to > 1 and round_to % unit == 0 and count > round_to:
+        keep = round(keep / round_to) * round_to
+    return min(max(keep, unit), count)
+
+
+def allocate_uniform(
+    adapter: Adapter, layer_indices: list[int], ratio: float, round_to: int = 1
+) -> dict[LayerKind, int]:
     """How many groups of each (layer, kind) to keep so that `ratio` of all decoder parameters goes.
 
     Every pruned layer loses the same share of its attention (rounded to whole heads per KV group) and the MLP
     channels absorb the rest, so the achieved share matches the request to within a few channels.
     """
-    if not 0.0 <= ratio < 1.0:
-        raise InvalidRequestError(f"ratio must lie in (0, 1), got {ratio}")
+    _check_ratio(ratio)
     layers = adapter.layers()
     specs = {i: adapter.group_specs(layers[i]) for i in layer_indices}
     target = ratio * adapter.num_decoder_params()
@@ -84,17 +108,68 @@ def allocate_uniform(adapter: Adapter, layer_indices: list[int], ratio: float) -
         for spec in specs[i]:
             if spec.kind == "mlp":
                 continue
-            unit = _kv_count(adapter, layers[i]) if spec.kind == "head" else 1  # one head per KV group
+            unit = _unit(adapter, layers[i], spec)
             units = spec.count // unit
             drop = min(round(share * units), units - 1)
-            keep[(i, spec.kind)] = (units - drop) * unit
-            removed += drop * unit * group_cost(layers[i], spec)
+            keep[(i, spec.kind)] = _round_keep((units - drop) * unit, spec.count, unit, round_to)
+            removed += (spec.count - keep[(i, spec.kind)]) * group_cost(layers[i], spec)
     mlp_params = sum(group_cost(layers[i], s) * s.count for i in layer_indices for s in specs[i] if s.kind == "mlp")
     mlp_share = min(max((target - removed) / mlp_params, 0.0), 1.0) if mlp_params else 0.0
     for i in layer_indices:
         for spec in specs[i]:
             if spec.kind == "mlp":
-                keep[(i, "mlp")] = max(spec.count - round(mlp_share * spec.count), 1)
+                kept = spec.count - round(mlp_share * spec.count)
+                keep[(i, "mlp")] = _round_keep(kept, spec.count, 1, round_to)
+    return keep
+
+
+def allocate_global(
+    adapter: Adapter,
+    layer_indices: list[int],
+    ratio: float,
+    scores: dict[LayerKind, torch.Tensor],
+    floor: float = 0.25,
+    round_to: int = 1,
+) -> dict[LayerKind, int]:
+    """Rank the groups of all pruned layers together by score per parameter and remove the cheapest first.
+
+    Criteria return scores on a scale comparable across layers (Taylor terms estimate a change of the loss). Within a layer and kind, the
+    removal order is the score order, so the plan `select` makes from these counts is exactly the greedy choice.
+    Every (layer, kind) keeps at least `floor` of its groups (and at least one unit), so no layer is emptied.
+    """
+    _check_ratio(ratio)
+    layers = adapter.layers()
+    total = adapter.num_decoder_params()
+    target = ratio * total
+    candidates = []  # (score per parameter, cost, layer-kind)
+    keep: dict[LayerKind, int] = {}
+    for i in layer_indices:
+        for spec in adapter.group_specs(layers[i]):
+            key, unit, cost = (i, spec.kind), _unit(adapter, layers[i], spec), group_cost(layers[i], spec)
+            keep[key] = spec.count
+            score = scores[key].double()
+            if unit > 1:  # the r-th removal takes the r-th weakest head of every KV group
+                score = score.view(unit, -1).sort(dim=1).values.sum(0)
+            floor_units = max(1, math.ceil(floor * score.numel()))
+            for value in score.sort().values[: score.numel() - floor_units].tolist():
+                candidates.append((value / (cost * unit), cost * unit, key, unit))
+    candidates.sort(key=lambda c: c[0])
+    removed = 0.0
+    for _, cost, key, unit in candidates:
+        if removed + cost / 2 > target:
+            continue  # would overshoot: a cheaper group further down the ranking may still fit
+        keep[key] -= unit
+        removed += cost
+    if removed < target - 0.005 * total:
+        raise InvalidRequestError(
+            f"ratio {ratio} cannot be reached with every layer keeping {floor:.0%} of its groups; "
+            "widen --layers or lower --ratio"
+        )
+    if round_to > 1:
+        for i in layer_indices:
+            for spec in adapter.group_specs(layers[i]):
+                key = (i, spec.kind)
+                keep[key] = _round_keep(keep[key], spec.count, _unit(adapter, layers[i], spec), round_to)
     return keep
 
 

@@ -16,7 +16,16 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers import DataCollatorForSeq2Seq, PreTrainedModel, Trainer, TrainerState, TrainingArguments, set_seed
+from transformers import (
+    DataCollatorForSeq2Seq,
+    PreTrainedModel,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainerState,
+    TrainingArguments,
+    set_seed,
+)
 from transformers.trainer_utils import get_last_checkpoint
 
 from hywia.recovery.data import IGNORE_INDEX, Example
@@ -44,13 +53,15 @@ def tune(
     save_steps: int = 200,
     save_total_limit: int | None = 2,
     warmup_steps: int = 0,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> dict[str, Any]:
     """Train LoRA adapters on q/k/v/o and gate/up/down projections; save them to ``out_dir/adapter``.
 
     Give ``steps`` or ``epochs`` (one epoch when neither). Checkpoints go to ``out_dir/checkpoints`` every
     ``save_steps`` optimizer steps and at the end (the newest ``save_total_limit`` kept). ``resume=True`` continues
     from the newest checkpoint (a fresh start when there is none yet); a resumed run asked for more steps than
-    before follows the learning-rate schedule of the new total from the checkpoint's step on.
+    before follows the learning-rate schedule of the new total from the checkpoint's step on. ``callbacks`` replace
+    Trainer's printing of raw log dicts, so a caller can report progress its own way.
 
     Returns the trained PeftModel under "model" (pass it to :func:`merge`), the global step reached ("steps"),
     the step training resumed from ("resumed_from", 0 for a fresh run), the last logged loss ("final_loss"),
@@ -112,7 +123,10 @@ def tune(
             args=args,
             train_dataset=list(examples),
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
+            callbacks=list(callbacks) or None,
         )
+        if callbacks:
+            trainer.remove_callback(PrinterCallback)
         trainer.train(resume_from_checkpoint=last_checkpoint if resume else None)
     trainer.save_model(str(out_dir / "adapter"))
     _back_to_inference(peft_model, gradient_checkpointing, use_cache)

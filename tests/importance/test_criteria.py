@@ -7,14 +7,15 @@ from hywia.errors import InvalidRequestError
 from hywia.models import adapter_for
 from hywia.pruning import allocate_uniform, select
 
-ALL = ["random", "magnitude", "taylor-vector", "taylor-element1", "taylor-element2", "wanda-sp", "fixed:0.5", "hywia"]
+ALL = ["random", "magnitude", "taylor-vector", "taylor-element1", "taylor-element2", "wanda-sp", "flap", "fixed:0.5",
+       "hywia"]
 
 
-def _context(model, seed=0, attention="heads", ratio=0.3):
+def _context(model, seed=0, attention="heads", ratio=0.3, path="layerwise"):
     adapter = adapter_for(model, attention)
     layers = [0, 1, 2, 3]
     batches = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(0))
-    stats = collect_statistics(model, adapter, layers, batches, progress=False)
+    stats = collect_statistics(model, adapter, layers, batches, progress=False, path=path)
     specs = {i: adapter.group_specs(adapter.layers()[i]) for i in layers}
     keep = allocate_uniform(adapter, layers, ratio)
     return ScoringContext(model, adapter, layers, specs, batches, keep, seed, stats, progress=False)
@@ -53,7 +54,7 @@ def test_statistics_match_autograd(tiny_model_factory):
     from hywia.importance.collect import lm_loss
 
     model = tiny_model_factory("llama")
-    ctx = _context(model)
+    ctx = _context(model, path="plain")
     name = "model.layers.1.mlp.down_proj.weight"
     param = model.get_parameter(name)
     grads = []
@@ -67,7 +68,7 @@ def test_statistics_match_autograd(tiny_model_factory):
 
 
 def test_fine_and_coarse_follow_their_definitions(tiny_model_factory):
-    ctx = _context(tiny_model_factory("llama"))
+    ctx = _context(tiny_model_factory("llama"), path="plain")
     fine = get_criterion("taylor-element1").score(ctx)
     coarse = get_criterion("taylor-vector").score(ctx)
     layer, spec = next(iter(ctx.items()))
@@ -83,7 +84,7 @@ def test_fixed_blend_endpoints_are_the_granularities(tiny_model_factory):
     fine = get_criterion("fixed:1").score(ctx)
     element = get_criterion("taylor-element1").score(ctx)
     for key in fine:
-        torch.testing.assert_close(fine[key], element[key] / element[key].mean())
+        torch.testing.assert_close(fine[key], element[key])
 
 
 def test_fusion_starts_at_half_half_and_learns(tiny_model_factory):
@@ -101,3 +102,18 @@ def test_fusion_starts_at_half_half_and_learns(tiny_model_factory):
     summary = learned.summary()
     assert summary["steps"] == 5 and summary["alpha_fine_mean"] != 0.5
     assert all(p.requires_grad for p in ctx.model.parameters())
+
+
+def test_fusion_with_global_allocation_learns_layer_scales(tiny_model_factory):
+    from functools import partial
+
+    from hywia.pruning import allocate_global
+
+    ctx = _context(tiny_model_factory("llama"), ratio=0.3)
+    ctx.allocate = partial(allocate_global, ctx.adapter, ctx.layer_indices, 0.3)
+    fusion = HywiaFusion(steps=4, batch_size=2)
+    scores = fusion.score(ctx)
+    shifts = [row["log_scale_learned_shift"] for row in fusion.summary()["per_layer"]]
+    assert any(abs(v) > 1e-6 for v in shifts)
+    keep = ctx.allocate(scores)
+    assert all(1 <= keep[key] <= score.numel() for key, score in scores.items())

@@ -33,3 +33,49 @@ def test_ratio_that_empties_layers_is_refused(tiny_model_factory):
     adapter = adapter_for(tiny_model_factory("llama", layers=6))
     with pytest.raises(InvalidRequestError, match="empty"):
         allocate_uniform(adapter, [2], 0.5)
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.3])
+def test_global_allocation_reaches_ratio_and_keeps_a_floor(tiny_model_factory, ratio):
+    from hywia.pruning import allocate_global
+
+    model = tiny_model_factory("llama", heads=8, kv_heads=2, layers=6)
+    adapter = adapter_for(model)
+    layers = parse_layers("1:5", 6)
+    generator = torch.Generator().manual_seed(0)
+    # Layer 2 matters 100x more than the others: a global ranking must spare it.
+    scores = {(i, s.kind): torch.rand(s.count, generator=generator) * (100.0 if i == 2 else 1.0)
+              for i in layers for s in adapter.group_specs(adapter.layers()[i])}
+    keep = allocate_global(adapter, layers, ratio, scores, floor=0.25)
+    counts = {s.kind: s.count for s in adapter.group_specs(adapter.layers()[1])}
+    assert keep[(2, "mlp")] == counts["mlp"] and keep[(2, "head")] == counts["head"]
+    assert all(keep[(i, k)] >= 0.25 * counts[k] for i in layers for k in counts)
+    before = adapter.num_decoder_params()
+    apply_plan(model, select(adapter, scores, keep))
+    assert abs(1 - adapter_for(model).num_decoder_params() / before - ratio) < 0.01
+
+
+def test_global_allocation_refuses_an_unreachable_ratio(tiny_model_factory):
+    from hywia.pruning import allocate_global
+
+    adapter = adapter_for(tiny_model_factory("llama", layers=6))
+    scores = {(i, s.kind): torch.rand(s.count) for i in [2, 3] for s in adapter.group_specs(adapter.layers()[i])}
+    with pytest.raises(InvalidRequestError, match="cannot be reached"):
+        allocate_global(adapter, [2, 3], 0.3, scores, floor=0.5)
+
+
+@pytest.mark.parametrize("round_to", [8, 32])
+def test_round_to_gives_multiples_and_keeps_the_ratio(tiny_model_factory, round_to):
+    model = tiny_model_factory("llama", heads=8, kv_heads=2, layers=6)
+    with torch.no_grad():  # widen the MLP so rounding has room: 6 layers x 256 channels
+        for layer in model.model.layers:
+            layer.mlp.gate_proj = torch.nn.Linear(64, 256, bias=False)
+            layer.mlp.up_proj = torch.nn.Linear(64, 256, bias=False)
+            layer.mlp.down_proj = torch.nn.Linear(256, 64, bias=False)
+    adapter = adapter_for(model)
+    keep = allocate_uniform(adapter, parse_layers("1:5", 6), 0.3, round_to=round_to)
+    assert all(v % round_to == 0 for (i, kind), v in keep.items() if kind == "mlp")
+    scores = {(i, s.kind): torch.rand(s.count) for i in range(1, 5) for s in adapter.group_specs(adapter.layers()[i])}
+    before = adapter.num_decoder_params()
+    apply_plan(model, select(adapter, scores, keep))
+    assert abs(1 - adapter_for(model).num_decoder_params() / before - 0.3) < 0.03

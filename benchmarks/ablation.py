@@ -1,0 +1,121 @@
+"""Quality ablation on the embedded model: criterion x allocation x compensation at several ratios.
+
+Statistics are collected once and shared by every variant (the same calibration windows `hywia prune` uses with
+the same seed and sample count), so each row equals `hywia prune --criterion C --allocation A --compensate M`.
+Held-out perplexity on two texts of different genres. Prints a table, writes JSON and a markdown fragment.
+
+    python benchmarks/ablation.py --ratios 0.2,0.5 --variants taylor-element1/uniform/none,hywia/global/lstsq
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from hywia.data.text import calibration_passages, calibration_windows
+from hywia.eval.perplexity import heldout_windows, perplexity
+from hywia.importance import ScoringContext, collect_statistics, get_criterion
+from hywia.io import load_model
+from hywia.models import adapter_for
+from hywia.pruning import allocate_global, allocate_uniform, apply_plan, parse_layers, select
+from hywia.pruning.compensate import compensate, input_moments
+
+PEERS = ("taylor-element1/uniform/none,taylor-element2/uniform/none,taylor-vector/uniform/none,"
+         "flap/global/bias,wanda-sp/uniform/none")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--ratios", default="0.2,0.5")
+    parser.add_argument("--variants", default=PEERS + ",taylor-element1/global/lstsq,hywia/global/lstsq",
+                        help="comma list of criterion/allocation/compensation")
+    parser.add_argument("--texts", default="lambada,coqa")
+    parser.add_argument("--eval-tokens", type=int, default=2048)
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="benchmarks/results/ablation")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, tokenizer = load_model(args.model)
+    adapter = adapter_for(model)
+    layers = parse_layers(None, len(adapter.layers()))
+    batches = calibration_windows(tokenizer, calibration_passages(), args.calib_samples, args.seq_len, 0)
+    texts = {name: heldout_windows(tokenizer, name, args.seq_len, args.eval_tokens) for name in args.texts.split(",")}
+    started = time.perf_counter()
+    stats = collect_statistics(model, adapter, layers, batches, progress=False)
+    stats_seconds = time.perf_counter() - started
+    specs = {i: adapter.group_specs(adapter.layers()[i]) for i in layers}
+    rows = [{"ratio": 0.0, "criterion": "dense", "allocation": "-", "compensate": "-",
+             "ppl": {name: perplexity(model, w) for name, (_, w) in texts.items()}, "seconds": 0.0}]
+    print(_format(rows[-1]), flush=True)
+    for ratio in (float(r) for r in args.ratios.split(",")):
+        keep = allocate_uniform(adapter, layers, ratio)
+        for variant in args.variants.split(","):
+            criterion, allocation, mode = variant.split("/")
+            started = time.perf_counter()
+            allocate = partial(allocate_global, adapter, layers, ratio) if allocation == "global" else None
+            scorer = get_criterion(criterion)
+            ctx = ScoringContext(model, adapter, layers, specs, batches, keep, 0, stats, False, allocate)
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                scores = scorer.score(ctx)
+            plan = select(adapter, scores, allocate(scores) if allocate else keep)
+            pruned = copy.deepcopy(model)
+            if mode != "none":
+                pruned_adapter = adapter_for(pruned)
+                compensate(pruned_adapter, plan, input_moments(pruned, pruned_adapter, plan, batches), mode)
+            apply_plan(pruned, plan)
+            rows.append({
+                "ratio": ratio, "criterion": criterion, "allocation": allocation, "compensate": mode,
+                "ppl": {name: perplexity(pruned, w) for name, (_, w) in texts.items()},
+                "seconds": round(time.perf_counter() - started + stats_seconds, 1),
+                "widths": pruned.config.hywia_layers,
+                "fusion": scorer.summary(),
+            })
+            print(_format(rows[-1]), flush=True)
+            del pruned
+    meta = {
+        "model": "SmolLM2-135M-Instruct (embedded Q4_1 GGUF dequantised to float32; Instruct variant)",
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), shared 2-core CPU",
+        "calibration": f"{args.calib_samples} x {args.seq_len} tokens of LAMBADA calibration passages, seed 0",
+        "texts": {name: {"description": desc, "tokens": int(w.numel())} for name, (desc, w) in texts.items()},
+        "layers_pruned": f"{layers[0]}..{layers[-1]}",
+        "statistics_seconds": round(stats_seconds, 1),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text(_markdown(meta, rows, list(texts)))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+def _format(row: dict) -> str:
+    ppl = "  ".join(f"{name} {value:9.2f}" for name, value in row["ppl"].items())
+    return f"{row['ratio']:.2f} {row['criterion']:>16} {row['allocation']:>8} {row['compensate']:>6}  {ppl}"
+
+
+def _markdown(meta: dict, rows: list[dict], texts: list[str]) -> str:
+    lines = [f"Model: {meta['model']}. Machine: {meta['machine']}. Calibration: {meta['calibration']}. "
+             f"Pruned layers {meta['layers_pruned']}. Perplexity: " +
+             "; ".join(f"{n} = {v['description']}, {v['tokens']} tokens" for n, v in meta["texts"].items()) + ".",
+             "", "| ratio | criterion | allocation | compensation | " + " | ".join(f"ppl {t}" for t in texts) +
+             " | seconds |", "|---|---|---|---|" + "---|" * len(texts) + "---|"]
+    for row in rows:
+        ppl = " | ".join(f"{row['ppl'][t]:.2f}" for t in texts)
+        lines.append(f"| {row['ratio']:.1f} | {row['criterion']} | {row['allocation']} | {row['compensate']} | "
+                     f"{ppl} | {row['seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

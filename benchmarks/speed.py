@@ -1,0 +1,46 @@
+"""Dense vs 20% and 50% pruned (and 50% at round-to 8 and 64), SmolLM2-135M and a LLaMA-7B-shaped stack: prefill
+and decode speed-ups against their MAC ceilings. Writes benchmarks/results/speed.json and speed.md.
+
+    python benchmarks/speed.py                      # the defaults of hywia.bench.speed.SpeedSettings
+    hywia bench --speed --out-dir DIR               # the same through the CLI
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch starts its thread pool
+
+from hywia.bench.speed import (  # noqa: E402
+    add_speed_flags,
+    command_line,
+    render_markdown,
+    run_speed,
+    settings_from_args,
+)
+from hywia.errors import HywiaError  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_speed_flags(parser)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        record = run_speed(settings, RESULTS, command_line(["python", "benchmarks/speed.py"], settings))
+    except HywiaError as exc:
+        print(f"speed.py: error: {exc}", file=sys.stderr)
+        return 2
+    print(render_markdown(record))
+    print(f"written: {RESULTS / 'speed.json'}, {RESULTS / 'speed.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

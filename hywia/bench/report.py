@@ -1,0 +1,156 @@
+"""The bench's markdown: provenance (machine, model, texts, task subsets, command) next to one table.
+
+The section sits between two marker comments so that rerunning the bench replaces only its own section of a
+hand-edited BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+BEGIN, END = "<!-- hywia-bench:quality:begin -->", "<!-- hywia-bench:quality:end -->"
+
+TASK_TITLES = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
+               "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
+_PLOT_TITLES = {"widths": "kept heads and MLP channels per layer",
+                "agreement": "fine- vs coarse-grained rank agreement per layer",
+                "alpha": "learned fusion weight alpha_fine per layer"}
+
+
+def shown_accuracy(row: dict) -> tuple[float, float | None]:
+    """(accuracy, its stderr) as the table shows it: acc_norm where lm-eval reports one, acc otherwise."""
+    if row["acc_norm"] is not None:
+        return row["acc_norm"], row["acc_norm_stderr"]
+    return row["acc"], row["acc_stderr"]
+
+
+def _is_finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _ppl(value: float | None) -> str:
+    return f"{value:.2f}" if _is_finite(value) else "diverged"
+
+
+def _row(name: str, ratio: str, evaluation: dict, texts: list[str], tasks: list[str], cost: list[str]) -> list[str]:
+    cells = [name, ratio, f"{evaluation['params'] / 1e6:.1f}M"]
+    cells += [_ppl(evaluation["perplexity"][text]["ppl"]) for text in texts]
+    zero = evaluation["zero_shot"]
+    if zero:
+        cells += [f"{100 * shown_accuracy(zero['tasks'][task])[0]:.1f}" for task in tasks]
+        cells.append(f"{100 * zero['average_acc_norm']:.1f}")
+    return cells + cost
+
+
+def _table(record: dict) -> list[str]:
+    texts, tasks = record["settings"]["ppl_texts"], record["settings"]["tasks"]
+    header = ["criterion", "ratio", "params"] + [f"ppl {text}" for text in texts]
+    if tasks:
+        header += [TASK_TITLES[task] for task in tasks] + ["average"]
+    header += ["prune s", "peak MB"]
+    rows = [_row("dense", "0", record["dense"], texts, tasks, ["", ""])]
+    for run in record["runs"]:
+        ratio = f"{run['ratio']:g} ({run['report']['ratio_achieved']:.3f})"
+        cost = [f"{run['prune_seconds']:.0f}", f"{run['memory']['peak_rss_mb']:.0f}"]
+        rows.append(_row(f"`{run['label']}`", ratio, run["eval"], texts, tasks, cost))
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _standard_errors(record: dict) -> str:
+    """How much of a difference the task subsets can resolve, from the dense model's stderrs."""
+    zero = record["dense"]["zero_shot"]
+    errors = [shown_accuracy(row)[1] for row in zero["tasks"].values()]
+    errors = [e for e in errors if e is not None]
+    if not errors:
+        return ""
+    per_task = sum(errors) / len(errors)
+    average = math.sqrt(sum(e * e for e in errors)) / len(zero["tasks"])
+    return (f" One standard error is about ±{100 * per_task:.1f} points per task and ±{100 * average:.1f} on the "
+            "average: smaller differences are noise.")
+
+
+def _winners(record: dict) -> list[str]:
+    """Per ratio, which entry has the best average accuracy and the best perplexity on the first text."""
+    lines = []
+    texts = record["settings"]["ppl_texts"]
+    for ratio in dict.fromkeys(run["ratio"] for run in record["runs"]):
+        runs = [run for run in record["runs"] if run["ratio"] == ratio]
+        parts = []
+        if record["settings"]["tasks"]:
+            best = max(runs, key=lambda run: run["eval"]["zero_shot"]["average_acc_norm"])
+            parts.append(f"best average accuracy `{best['label']}` "
+                         f"({100 * best['eval']['zero_shot']['average_acc_norm']:.1f})")
+        if texts:
+            finite = [run for run in runs if _is_finite(run["eval"]["perplexity"][texts[0]]["ppl"])]
+            if finite:
+                best = min(finite, key=lambda run: run["eval"]["perplexity"][texts[0]]["ppl"])
+                parts.append(f"lowest {texts[0]} perplexity `{best['label']}` "
+                             f"({best['eval']['perplexity'][texts[0]]['ppl']:.2f})")
+        if parts:
+            lines.append(f"- ratio {ratio:g}: " + "; ".join(parts))
+    return lines
+
+
+def render_markdown(record: dict, base: Path) -> str:
+    """The section for a markdown file in folder `base` (plot links are relative to it)."""
+    settings, dense = record["settings"], record["dense"]
+    machine = record["machine"]
+    calibration = settings["calibration"]
+    lines = [BEGIN, "## Quality: pruning criteria side by side", ""]
+    lines.append(f"- **Model**: {record['model']}, {dense['params'] / 1e6:.1f}M parameters.")
+    load = "" if "load_average_end" not in record else (
+        f"; load average {record['load_average_start'][0]:.1f} at start, {record['load_average_end'][0]:.1f} at end")
+    lines.append(f"- **Machine**: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch "
+                 f"thread(s){', ' + machine['gpu'] if 'gpu' in machine else ''}; torch {machine['torch']}, "
+                 f"transformers {machine['transformers']}, lm-eval {machine['lm_eval']}, hywia {machine['hywia']}"
+                 f"{load}. Seconds are wall-clock.")
+    lines.append(f"- **Calibration** (the same windows for every run): {calibration['samples']} windows x "
+                 f"{calibration['seq_len']} tokens of {calibration['text']}, seed {calibration['seed']}."
+                 + (f" Prune options for every run: `{settings['prune_kwargs']}`." if settings["prune_kwargs"] else ""))
+    for text, row in dense["perplexity"].items():
+        described = "" if row["description"] == text else f"{row['description']}; "
+        lines.append(f"- **Perplexity `{text}`**: {described}first {row['tokens']} tokens, "
+                     f"{row['windows']} non-overlapping windows of {row['seq_len']}.")
+    zero = dense["zero_shot"]
+    if zero:
+        subsets = ", ".join(f"{TASK_TITLES[t]} {r['n']} ({r['split']}, v{r['version']})"
+                            for t, r in zero["tasks"].items())
+        scope = "the full splits" if settings["limit"] is None else f"fixed subsets chosen by seed {settings['seed']}"
+        lines.append(f"- **Zero-shot tasks** (lm-eval {zero['lm_eval_version']}, 0-shot, {scope}): {subsets}. "
+                     "Accuracy in %, acc_norm where lm-eval reports it, acc otherwise (BoolQ, WinoGrande); "
+                     "average = their mean." + _standard_errors(record))
+    lines.append("- **Columns**: ratio = requested (achieved share of decoder parameters removed); prune s = "
+                 "wall seconds of `hywia.prune` (calibration pass, scoring, surgery); peak MB = the process's "
+                 "peak resident memory during that prune, the bench's in-memory dense copy included.")
+    if record.get("command"):
+        lines.append(f"- **Command**: `{record['command']}`")
+    lines += ["", *_table(record), ""]
+    winners = _winners(record)
+    if winners:
+        lines += ["Per ratio:", "", *winners, ""]
+    for name, path in record.get("plots", {}).items():
+        link = Path(os.path.relpath(path, base)).as_posix()
+        lines.append(f"![{_PLOT_TITLES[name]}]({link})")
+        lines.append("")
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, section: str) -> None:
+    """Replace the bench's section of `path` (between the markers), append it, or create the file."""
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+        start, stop = text.find(BEGIN), text.find(END)
+        if start >= 0 and stop > start:
+            text = text[:start] + section.rstrip("\n") + text[stop + len(END):]
+        else:
+            text = text.rstrip("\n") + "\n\n" + section
+    else:
+        text = "# Benchmarks\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

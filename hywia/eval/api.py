@@ -1,0 +1,163 @@
+"""`hywia.evaluate`: perplexity on named texts plus zero-shot accuracy, as one JSON-able record.
+
+The record carries what is needed to compare numbers across runs and machines: the text and token count of every
+perplexity, the lm-eval version, each task's version, split and item count, the seed of the task subsets.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..api import count_params
+from ..errors import InvalidRequestError
+from ..io import describe, load_model
+from .perplexity import heldout_windows, perplexity
+
+
+def parse_list(values: str | Sequence[str] | None) -> list[str]:
+    """Flatten `"a,b"` or `["a,b", "c"]` into `["a", "b", "c"]`, dropping empty entries."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def parse_tasks(spec: str | Sequence[str] | None) -> list[str]:
+    """Task names from `all`, `none` or a comma list, checked against the seven known tasks."""
+    from .zeroshot import TASKS  # lm-eval's stack loads only when tasks are asked for
+
+    names = parse_list(spec)
+    if names == ["all"]:
+        return list(TASKS)
+    if names in ([], ["none"]):
+        return []
+    unknown = [name for name in names if name not in TASKS]
+    if unknown:
+        raise InvalidRequestError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}, all, none")
+    return names
+
+
+def parse_texts(spec: str | Sequence[str] | None) -> list[str]:
+    """Perplexity text names (`lambada`, `coqa`, or a file), `none` meaning no perplexity."""
+    names = parse_list(spec)
+    return [] if names == ["none"] else names
+
+
+def machine() -> dict:
+    """The CPU, core count and library versions: numbers from this toolkit are only comparable on the same setup."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+    for package in ("hywia", "torch", "transformers", "lm_eval"):
+        info[package] = importlib.metadata.version(package)
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def perplexities(
+    model: nn.Module, tokenizer, texts: Sequence[str], seq_len: int = 128, max_tokens: int = 16384
+) -> dict[str, dict]:
+    """Perplexity on each text over non-overlapping `seq_len` windows of its first `max_tokens` tokens."""
+    results = {}
+    for text in texts:
+        started = time.perf_counter()
+        description, windows = heldout_windows(tokenizer, text, seq_len, max_tokens)
+        if windows.shape[0] == 0:
+            raise InvalidRequestError(f"perplexity text {text!r} gives no window of {seq_len} tokens "
+                                      f"within its first {max_tokens} tokens")
+        results[text] = {
+            "ppl": perplexity(model, windows),
+            "description": description,
+            "tokens": int(windows.numel()),
+            "windows": int(windows.shape[0]),
+            "seq_len": seq_len,
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+    return results
+
+
+def evaluate(
+    model: str | nn.Module | None = None,
+    tokenizer=None,
+    *,
+    ppl_texts: str | Sequence[str] = ("lambada",),
+    tasks: str | Sequence[str] = "all",
+    limit: int | None = None,
+    seed: int = 0,
+    seq_len: int = 128,
+    ppl_tokens: int = 16384,
+    batch_size: int = 8,
+    device: str | None = None,
+    dtype: str = "float32",
+) -> dict:
+    """Perplexity on `ppl_texts` and zero-shot accuracy on `tasks` of a live model (with its tokenizer), a folder
+    or a name (None = the embedded default).
+
+    `limit` evaluates a fixed subset of that many items per task, chosen by `seed` (the same items every run).
+    """
+    texts, task_names = parse_texts(ppl_texts), parse_tasks(tasks)
+    if limit is not None and limit < 1:
+        raise InvalidRequestError(f"--limit must be a positive number of items, got {limit}")
+    if seq_len < 2:
+        raise InvalidRequestError(f"--seq-len must be at least 2 tokens, got {seq_len}")
+    if isinstance(model, nn.Module):
+        if tokenizer is None:
+            raise InvalidRequestError("a live model needs its tokenizer")
+        name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    else:
+        name = describe(model)
+        model, tokenizer = load_model(model, device=device, dtype=dtype)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    result = {
+        "model": name,
+        "params": count_params(model),
+        "machine": machine(),
+        "perplexity": perplexities(model, tokenizer, texts, seq_len, ppl_tokens),
+        "zero_shot": None,
+    }
+    if task_names:
+        from .zeroshot import zero_shot
+
+        task_started = time.perf_counter()
+        result["zero_shot"] = zero_shot(model, tokenizer, task_names, limit=limit, seed=seed, batch_size=batch_size)
+        result["zero_shot"]["seconds"] = round(time.perf_counter() - task_started, 2)
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    # CPU time: at one thread, close to what a quiet machine's wall clock would show.
+    result["cpu_seconds"] = round(time.process_time() - cpu_started, 2)
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A plain-text table of an `evaluate` record, for the terminal."""
+    rows = [("model", result["model"], ""), ("parameters", f"{result['params']:,}", "")]
+    for text, row in result["perplexity"].items():
+        rows.append((f"perplexity {text}", f"{row['ppl']:.2f}",
+                     f"{row['tokens']} tokens, {row['seq_len']}-token windows: {row['description']}"))
+    zero = result["zero_shot"]
+    if zero:
+        for task, row in zero["tasks"].items():
+            norm = "" if row["acc_norm"] is None else f"  acc_norm {row['acc_norm']:.4f}"
+            rows.append((task, f"acc {row['acc']:.4f}{norm}", f"n={row['n']} {row['split']} v{row['version']}"))
+        rows.append(("average", f"acc {zero['average_acc']:.4f}  acc_norm {zero['average_acc_norm']:.4f}",
+                     f"lm-eval {zero['lm_eval_version']}, subset seed {zero['seed']}"))
+    rows.append(("seconds", f"{result['seconds']:.1f}", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in rows)

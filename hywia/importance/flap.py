@@ -1,0 +1,28 @@
+"""FLAP's fluctuation metric: how much a group's input channels vary over the calibration tokens, weighted by
+the squared norm of the output-projection columns they feed.
+
+A channel whose input barely fluctuates can be replaced by its mean (bias compensation), so its removal costs
+little: score_j = Var(x_j) * ||W[:, j]||^2 over the output projection (o_proj for heads, down_proj for MLP).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Criterion, LayerKind, ScoringContext, register_criterion
+
+
+@register_criterion("flap")
+class Flap(Criterion):
+    needs_activations = True
+
+    def score(self, ctx: ScoringContext) -> dict[LayerKind, torch.Tensor]:
+        scores = {}
+        for layer, spec in ctx.items():
+            name = f"{ctx.adapter.layer_name(layer)}.{spec.gate_module}.weight"
+            mean = ctx.stats.act_sum[name] / ctx.stats.tokens
+            variance = (ctx.stats.act_sq[name] / ctx.stats.tokens - mean.square()).clamp_min(0)
+            column_energy = ctx.model.get_parameter(name).detach().float().square().sum(0)
+            per_channel = (variance * column_energy).double().cpu()
+            scores[(layer, spec.kind)] = per_channel.view(spec.count, spec.gate_block).sum(1)
+        return scores

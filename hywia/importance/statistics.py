@@ -1,0 +1,118 @@
+"""What a calibration pass leaves for the criteria: group-level Taylor terms and per-channel activation sums.
+
+Both statistics paths (the plain full backward and the layer-by-layer one) end in the same `Statistics`, built by
+the same reduction (`taylor_terms`), so criteria never depend on how the gradients were obtained and the two paths
+can be compared group by group.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CalibrationError
+from ..models import GroupSpec, TensorSlice
+from .base import LayerKind, blocks
+
+
+@dataclass
+class TaylorTerms:
+    """One (layer, kind)'s group scores, float64 [count]: fine (sum of |s|) and coarse (sum over slices of |sum s|)
+    for the first-order saliency s1 = g*W and the second-order s2 = g*W - 1/2*W*F*W."""
+
+    fine1: torch.Tensor
+    fine2: torch.Tensor
+    coarse1: torch.Tensor
+    coarse2: torch.Tensor
+
+    def get(self, mode: str, order: int) -> torch.Tensor:
+        if mode not in ("fine", "coarse") or order not in (1, 2):
+            raise ValueError(f"no Taylor term {mode!r} of order {order}")
+        return getattr(self, f"{mode}{order}")
+
+
+@dataclass
+class Statistics:
+    """What one calibration pass collected for the pruned layers.
+
+    `taylor` holds the group-level terms every gradient criterion reads. `act_sq`/`act_sum` (keys: the full name of
+    a Linear's weight) are sums over calibration tokens of each input channel's square and value. `grad` (mean
+    gradient) and `fisher` (mean squared per-sample gradient) are per weight and kept only by the plain path: the
+    layer-by-layer path frees them layer by layer, which is its point.
+    """
+
+    taylor: dict[LayerKind, TaylorTerms] = field(default_factory=dict)
+    act_sq: dict[str, torch.Tensor] = field(default_factory=dict)
+    act_sum: dict[str, torch.Tensor] = field(default_factory=dict)
+    grad: dict[str, torch.Tensor] = field(default_factory=dict)
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: int = 0
+    samples: int = 0
+    loss: float = float("nan")
+
+
+def lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean causal-LM loss of a batch of windows."""
+    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+
+def taylor_terms(
+    spec: GroupSpec, tensors: Iterable[tuple[TensorSlice, torch.Tensor, torch.Tensor, torch.Tensor]]
+) -> TaylorTerms:
+    """Group terms of one kind from (slice, weight, mean gradient, Fisher diagonal) of each of its slices.
+
+    The mean gradient and the Fisher diagonal must be complete (all samples) before this: |.| does not commute with
+    the mean over samples.
+    """
+    terms = {name: torch.zeros(spec.count, dtype=torch.float64) for name in ("fine1", "fine2", "coarse1", "coarse2")}
+    for s, weight, grad, fisher in tensors:
+        first = grad * weight
+        second = first - 0.5 * weight * fisher * weight
+        for order, saliency in ((1, first), (2, second)):
+            b = blocks(saliency, s, spec.count)
+            terms[f"fine{order}"] += b.abs().sum(1).double().cpu()
+            terms[f"coarse{order}"] += b.sum(1).abs().double().cpu()
+    return TaylorTerms(**terms)
+
+
+def check_finite(name: str, grad: torch.Tensor) -> None:
+    """Refuse a non-finite gradient: it would silently turn every score of its layer into NaN."""
+    if not torch.isfinite(grad).all():
+        raise CalibrationError(f"non-finite gradient in {name}; try --dtype float32 or other calibration text")
+
+
+@contextmanager
+def activation_hooks(model: nn.Module, stats: Statistics, prefixes: list[str]) -> Iterator[None]:
+    """Sum every input channel (and its square) of each Linear under `prefixes` while the block runs."""
+    handles = [
+        module.register_forward_pre_hook(_activation_hook(stats, name))
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(name.startswith(pre) for pre in prefixes)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def accumulate(table: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    if name in table:
+        table[name] += value
+    else:
+        table[name] = value.clone()
+
+
+def _activation_hook(stats: Statistics, module_name: str):
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        accumulate(stats.act_sq, f"{module_name}.weight", x.square().sum(0))
+        accumulate(stats.act_sum, f"{module_name}.weight", x.sum(0))
+
+    return hook

@@ -1,0 +1,319 @@
+"""GGUF export: a pruned (or dense) model as one file that llama.cpp, llama-cpp-python, Ollama and LM Studio run.
+
+llama.cpp's `llama` architecture gives every layer the same widths, so a model pruned unevenly is written as `deci`
+(the Llama-3.1-Nemotron-NAS block), whose head counts and MLP width are per-layer arrays; an evenly shaped model
+stays `llama`, and an unpruned Qwen2 stays `qwen2`. Tensor names come from the gguf package's own mapping. llama.cpp
+rotates consecutive pairs of a head's dimensions while transformers rotates its two halves, so q/k rows (and
+biases) are interleaved per head with each layer's own head counts; `qwen2` rotates halves and needs no reordering.
+
+The tokenizer comes from the model folder's tokenizer.json (byte-level BPE). When that vocabulary is the one of the
+embedded SmolLM2 GGUF, its tokenizer metadata is copied verbatim instead: transformers' GGUF conversion dropped
+SmolLM2's digit-splitting pre-tokenizer, which the original file still names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+import torch
+
+from ..data.assets import MissingAssetError, smollm2_gguf
+from ..errors import InvalidRequestError, UnsupportedModelError
+from ..models import adapter_for
+from ..models.pruned import base_class
+from .load import load_model
+from .save import check_output
+
+OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
+    "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+FAMILIES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+ROPE_TYPES = ("default", "linear", "llama3")  # fixed per-dimension frequencies: expressible as rope_freqs
+
+# llama.cpp's pre-tokenizer names for the byte-level BPE pre-tokenizers of tokenizer.json that we recognise
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
+SMOLLM2_VOCAB = 49152  # checked before reading the 93 MB embedded GGUF, so other vocabularies skip it
+
+
+@dataclass
+class GGUFExport:
+    path: Path
+    arch: str
+    outtype: str
+    tokenizer: str  # where the tokenizer metadata came from
+    tensors: int
+    file_bytes: int
+
+
+@dataclass
+class _Tensor:
+    name: str
+    shape: tuple[int, ...]
+    qtype: gguf.GGMLQuantizationType
+    data: Callable[[], np.ndarray]  # float32, produced only when written (keeps one tensor in memory at a time)
+
+
+def export_gguf(model: str | None, out: str | Path, *, outtype: str = "f16", force: bool = False) -> GGUFExport:
+    """Write `model` (a local HF folder, hub name or embedded name) to the GGUF file `out`, atomically."""
+    if outtype not in OUTTYPES:
+        raise InvalidRequestError(f"unknown --outtype {outtype!r}; use one of {', '.join(OUTTYPES)}")
+    out = Path(out)
+    check_output(out, force)
+    hf_model, tokenizer = load_model(model, device="cpu", dtype="float32")
+    config = hf_model.config
+    family = base_class(type(hf_model)).__name__
+    _check_supported(hf_model, family)
+    widths = [adapter_for(hf_model).widths(layer) for layer in hf_model.model.layers]
+    arch = choose_arch(family, widths, config, pruned=getattr(config, "hywia_layers", None) is not None)
+    tensors = _tensors(hf_model, widths, arch, OUTTYPES[outtype][0])
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+    try:
+        _add_hparams(writer, hf_model, widths, arch, OUTTYPES[outtype][1], name=_model_name(model, config))
+        source = _add_tokenizer(writer, tokenizer, hf_model.get_input_embeddings().weight.shape[0])
+        for t in tensors:
+            nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(t.shape, t.qtype)))
+            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes, raw_dtype=t.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in tensors:
+            writer.write_tensor_data(gguf.quants.quantize(t.data(), t.qtype))
+        writer.close()
+        os.replace(tmp, out)
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+    return GGUFExport(out, gguf.MODEL_ARCH_NAMES[arch], outtype, source, len(tensors), out.stat().st_size)
+
+
+def choose_arch(family: str, widths: list[dict], config, *, pruned: bool) -> gguf.MODEL_ARCH:
+    """`llama` (or `qwen2` for an unpruned Qwen2) when every layer has the same widths, else `deci`."""
+    counts = [(w["num_attention_heads"], w["num_key_value_heads"], w["intermediate_size"]) for w in widths]
+    if family == "Qwen2ForCausalLM" and not pruned and _rope_type(config) == "default":
+        return gguf.MODEL_ARCH.QWEN2
+    return gguf.MODEL_ARCH.LLAMA if len(set(counts)) == 1 else gguf.MODEL_ARCH.DECI
+
+
+def permute_rope_rows(rows: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """q/k rows (or biases) from transformers' half-split rope layout to llama.cpp's pair-interleaved one.
+
+    Per head, dimension i of the first half and i of the second half rotate together in transformers; llama.cpp
+    rotates dimensions 2i and 2i+1, so row i goes to 2i and row i + d/2 to 2i + 1.
+    """
+    head_dim = rows.shape[0] // n_heads
+    return rows.reshape(n_heads, 2, head_dim // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+
+def _check_supported(model, family: str) -> None:
+    config = model.config
+    if family not in FAMILIES:
+        raise UnsupportedModelError(
+            f"GGUF export supports {', '.join(FAMILIES)} (pruned or not); got {family}"
+        )
+    if config.hidden_act != "silu":
+        raise UnsupportedModelError(f"GGUF export needs the SiLU-gated MLP of the LLaMA block; got {config.hidden_act}")
+    if _rope_type(config) not in ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"GGUF export supports rope types {', '.join(ROPE_TYPES)}; got {_rope_type(config)!r}"
+        )
+
+
+def _rope_type(config) -> str:
+    return (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+
+
+def _model_name(model: str | None, config) -> str:
+    return Path(model).name if model and Path(model).exists() else str(model or config.name_or_path)
+
+
+def _add_hparams(writer: gguf.GGUFWriter, model, widths: list[dict], arch: gguf.MODEL_ARCH,
+                 file_type: gguf.LlamaFileType, name: str) -> None:
+    config = model.config
+    head_dim = model.model.layers[0].self_attn.head_dim
+    heads = [w["num_attention_heads"] for w in widths]
+    kv_heads = [w["num_key_value_heads"] for w in widths]
+    mlp = [w["intermediate_size"] for w in widths]
+    per_layer = arch == gguf.MODEL_ARCH.DECI
+    context = config.max_position_embeddings
+    window = getattr(config, "sliding_window", None)
+    if window and window < context:  # llama.cpp's llama block has no sliding window: stay where both agree
+        context = window
+    writer.add_name(name)
+    writer.add_context_length(context)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(len(widths))
+    writer.add_feed_forward_length(mlp if per_layer else mlp[0])
+    writer.add_head_count(heads if per_layer else heads[0])
+    writer.add_head_count_kv(kv_heads if per_layer else kv_heads[0])
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(model.get_input_embeddings().weight.shape[0])
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _tensors(model, widths: list[dict], arch: gguf.MODEL_ARCH, qtype: gguf.GGMLQuantizationType) -> list[_Tensor]:
+    """Every weight under its llama.cpp name, q/k rows reordered where the architecture's rope needs it."""
+    names = gguf.get_tensor_name_map(arch, len(widths))
+    interleave = arch != gguf.MODEL_ARCH.QWEN2
+    tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    tensors = []
+    for hf_name, param in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp reuses token_embd when output.weight is absent
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UnsupportedModelError(f"no GGUF name for tensor {hf_name}")
+        prepare = _identity
+        if interleave and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
+            layer = widths[int(hf_name.split(".")[2])]
+            key = "num_attention_heads" if ".q_proj." in hf_name else "num_key_value_heads"
+            prepare = _rope_permutation(layer[key])
+        tensors.append(_Tensor(name, tuple(param.shape), _tensor_qtype(param, qtype),
+                               _loader(param, prepare)))
+    rope_factors = _rope_freq_factors(model)
+    if rope_factors is not None:
+        tensors.append(_Tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", tuple(rope_factors.shape),
+                               gguf.GGMLQuantizationType.F32, lambda: rope_factors))
+    return tensors
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _rope_permutation(n_heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda t: permute_rope_rows(t, n_heads)
+
+
+def _loader(param: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], np.ndarray]:
+    return lambda: prepare(param.detach().float()).contiguous().numpy()
+
+
+def _tensor_qtype(param: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """Norms, biases and other vectors stay f32 (as llama.cpp's converter keeps them); Q8_0 needs rows of whole
+    32-value blocks, which a pruned MLP width need not give, so such a matrix falls back to f16."""
+    if param.dim() < 2:
+        return gguf.GGMLQuantizationType.F32
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    return qtype if param.shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
+
+
+def _rope_freq_factors(model) -> np.ndarray | None:
+    """llama.cpp's rope_freqs (per-dimension divisors of the base frequency) for linear and llama3 scaling."""
+    if _rope_type(model.config) == "default":
+        return None
+    rotary = model.model.rotary_emb
+    dim = model.model.layers[0].self_attn.head_dim
+    theta = float(model.config.rope_parameters["rope_theta"])
+    base = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return (base / rotary.inv_freq.double()).float().numpy()
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, n_vocab: int) -> str:
+    """Vocabulary, merges, special ids and chat template; returns where they came from."""
+    with tempfile.TemporaryDirectory(prefix="hywia-tokenizer-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        spec_path = Path(tmp) / "tokenizer.json"
+        if not spec_path.is_file():
+            raise UnsupportedModelError("GGUF export needs a fast tokenizer (tokenizer.json)")
+        spec = json.loads(spec_path.read_text())
+        _check_byte_level_bpe(spec)
+        tokens, types = _token_list(tokenizer, n_vocab)
+        embedded = _embedded_tokenizer_fields(tokens, [" ".join(m) if isinstance(m, list) else m
+                                                       for m in spec["model"]["merges"]])
+        if embedded is not None:
+            for key, (value, vtype, sub_type) in embedded.items():
+                writer.add_key_value(key, value, vtype, sub_type=sub_type)
+            return "embedded SmolLM2 GGUF"
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(_pre_tokenizer_name(spec["pre_tokenizer"]))
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=n_vocab)
+        sample = tokenizer("a")["input_ids"]
+        special.add_special_token["bos"] = tokenizer.bos_token_id is not None and sample[0] == tokenizer.bos_token_id
+        special.add_special_token["eos"] = tokenizer.eos_token_id is not None and sample[-1] == tokenizer.eos_token_id
+        special.add_to_gguf(writer, quiet=True)
+    return "tokenizer.json"
+
+
+def _check_byte_level_bpe(spec: dict) -> None:
+    model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
+        raise UnsupportedModelError(
+            "GGUF export supports byte-level BPE tokenizers (GPT-2 style: SmolLM, Llama 3, Qwen2); this one is "
+            f"{model.get('type')} with a {decoder.get('type')} decoder (SentencePiece-style tokenizers need "
+            "their scores from tokenizer.model)"
+        )
+
+
+def _token_list(tokenizer, n_vocab: int) -> tuple[list[str], list[gguf.TokenType]]:
+    """Tokens by id, padded to the embedding's rows with unused placeholders (llama.cpp needs one per row)."""
+    by_id = {i: text for text, i in tokenizer.get_vocab().items()}
+    if max(by_id) >= n_vocab:
+        raise UnsupportedModelError(f"the tokenizer has ids up to {max(by_id)} but the embedding only {n_vocab} rows")
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL if i not in added
+                         else gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+    return tokens, types
+
+
+def _pre_tokenizer_name(pre: dict | None) -> str:
+    """llama.cpp's name for the tokenizer.json pre-tokenizer (it re-implements each as fixed regexes)."""
+    steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        regex = steps[0].get("pattern", {}).get("Regex")
+        names = {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2"}
+        if regex in names:
+            return names[regex]
+    raise UnsupportedModelError(
+        f"GGUF export does not know llama.cpp's name for this pre-tokenizer: {json.dumps(pre)[:200]}"
+    )
+
+
+def _embedded_tokenizer_fields(tokens: list[str], merges: list[str]) -> dict[str, tuple] | None:
+    """The tokenizer.* fields of the embedded SmolLM2 GGUF if its vocabulary and merges are these, else None."""
+    if len(tokens) != SMOLLM2_VOCAB:
+        return None
+    try:
+        path = smollm2_gguf()
+    except MissingAssetError:
+        return None
+    reader = gguf.GGUFReader(path)
+    fields = {name: field for name, field in reader.fields.items() if name.startswith("tokenizer.")}
+    if (fields["tokenizer.ggml.tokens"].contents() != tokens
+            or fields["tokenizer.ggml.merges"].contents() != merges):
+        return None
+    return {name: (field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
+            for name, field in fields.items()}

@@ -1,0 +1,162 @@
+"""Models larger than the device: decoder layers placed with accelerate (a device_map with CPU or disk offload, or
+spread over several GPUs) and handled one layer at a time.
+
+accelerate keeps an offloaded module's weights on the meta device and loads them for every call; the statistics
+pass, weight-reading criteria and surgery instead hold one layer's weights resident for many calls (`resident`),
+and surgery points accelerate at the edited tensors afterwards (`editable`), so the pruned layer streams on.
+Nothing here schedules anything itself: placement and streaming are accelerate's.
+"""
+
+from __future__ import annotations
+
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .errors import InvalidRequestError
+from .models import adapter_for
+
+OFFLOAD_TARGETS = ("cpu", "disk")
+
+
+def _offload_hooks(module: nn.Module) -> list:
+    """accelerate's offloading AlignDevicesHook(s) attached to `module` itself (possibly inside a SequentialHook)."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    from accelerate.hooks import AlignDevicesHook
+
+    hooks = getattr(hook, "hooks", (hook,))
+    return [h for h in hooks if isinstance(h, AlignDevicesHook) and h.offload]
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    return any(_offload_hooks(m) for m in model.modules())
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where `module` computes: its accelerate execution device, else the device of its first real tensor."""
+    for m in module.modules():
+        hook = getattr(m, "_hf_hook", None)
+        for h in getattr(hook, "hooks", (hook,)) if hook is not None else ():
+            if getattr(h, "execution_device", None) is not None:
+                return torch.device(h.execution_device)
+    for tensor in module.parameters():
+        if tensor.device.type != "meta":
+            return tensor.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def resident(root: nn.Module) -> Iterator[list[tuple[str, nn.Module, object]]]:
+    """Load every offloaded weight under `root` onto its execution device once for the whole block; yields the
+    (name, module, hook) loaded."""
+    loaded = []
+    try:
+        for name, module in root.named_modules():
+            for hook in _offload_hooks(module):
+                hook.pre_forward(module)
+                hook.offload = False
+                loaded.append((name, module, hook))
+        yield loaded
+    finally:
+        for _, module, hook in reversed(loaded):
+            hook.offload = True
+            hook.post_forward(module, None)
+
+
+@contextmanager
+def editable(root: nn.Module) -> Iterator[None]:
+    """`resident`, and afterwards accelerate serves the edited tensors (smaller after surgery) instead of the
+    originals: written as safetensors beside the original offload folder when they came from disk, kept in host
+    memory when they came from there."""
+    with resident(root) as loaded:
+        yield
+        for name, module, hook in loaded:
+            hook.weights_map = _new_weights_map(hook.weights_map, module, name)
+
+
+def _new_weights_map(old, module: nn.Module, name: str):
+    from accelerate.utils import OffloadedWeightsLoader
+    from safetensors.torch import save_file
+
+    tensors = {key: t.detach().to("cpu").contiguous() for key, t in module.named_parameters(recurse=False)}
+    tensors.update({key: t.to("cpu") for key, t in module.named_buffers(recurse=False) if key in old})
+    dataset = getattr(old, "dataset", old)
+    folder = getattr(dataset, "save_folder", None)
+    prefix = getattr(old, "prefix", "")
+    if folder is None or any(prefix + key in getattr(dataset, "state_dict", {}) for key in tensors):
+        return tensors
+    path = Path(folder) / "hywia-edited" / f"{name or 'root'}-{uuid.uuid4().hex}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    index = {key: {"safetensors_file": str(path), "weight_name": key} for key in tensors}
+    return OffloadedWeightsLoader(save_folder=folder, index=index)
+
+
+def offload_device_map(model: nn.Module, layer_names: list[str], target: str, device: str) -> dict[str, str]:
+    """A device_map that puts every decoder layer on `target` ("cpu" or "disk") and everything else on `device`.
+
+    Works on a meta-device model (built from a config), so the map exists before any weight is loaded.
+    """
+    layers = set(layer_names)
+    placement: dict[str, str] = {}
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for key, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            placement[f"{prefix}{key}"] = device
+        for key, child in module.named_children():
+            full = f"{prefix}{key}"
+            if full in layers:
+                placement[full] = target
+            elif any(layer.startswith(full + ".") for layer in layers):
+                visit(full + ".", child)
+            else:
+                placement[full] = device
+
+    visit("", model)
+    return placement
+
+
+def check_placement(offload: str | None, device_map: str | dict | None) -> None:
+    if offload is not None and offload not in OFFLOAD_TARGETS:
+        raise InvalidRequestError(f"--offload must be one of {', '.join(OFFLOAD_TARGETS)}, got {offload!r}")
+    if offload is not None and device_map is not None:
+        raise InvalidRequestError("--offload and --device-map both place the layers: give one of them")
+
+
+def loading_device_map(config, *, offload: str | None, device_map: str | dict | None, device: str) -> str | dict:
+    """What `from_pretrained(device_map=...)` gets: `device_map` as given (accelerate's "auto", "balanced", ... or
+    a dict), or every decoder layer on `offload` and the rest on `device`."""
+    if device_map is not None:
+        return device_map
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    adapter = adapter_for(skeleton)
+    names = [adapter.layer_name(i) for i in range(len(adapter.layers()))]
+    return offload_device_map(skeleton, names, offload, device)
+
+
+def place(model: nn.Module, *, offload: str | None, device_map: str | dict | None, device: str,
+          folder: str | Path) -> nn.Module:
+    """Dispatch a live model with accelerate as `loading_device_map` would have placed it at loading."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if device_map is None:
+        adapter = adapter_for(model)
+        names = [adapter.layer_name(i) for i in range(len(adapter.layers()))]
+        mapping = offload_device_map(model, names, offload, device)
+    elif device_map == "auto":
+        mapping = infer_auto_device_map(model, no_split_module_classes=getattr(model, "_no_split_modules", None))
+    elif isinstance(device_map, dict):
+        mapping = device_map
+    else:
+        raise InvalidRequestError(f"a live model takes --device-map auto or an explicit map, not {device_map!r}")
+    return dispatch_model(model, mapping, main_device=device, offload_dir=str(folder))

@@ -1,0 +1,127 @@
+"""`hywia bench` on a tiny model: every output is written, options reach `prune`, the dense model is untouched."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import hywia.bench
+from conftest import TINY_TEXT
+from hywia.bench.report import BEGIN, END, write_markdown
+from hywia.bench.run import check_options, parse_variant, peak_memory
+from hywia.cli import _command_line, build_parser, main
+from hywia.errors import InvalidRequestError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("\n\n".join([TINY_TEXT] * 6))
+    return path
+
+
+def test_bench_writes_table_json_and_plots(tiny_model_factory, tiny_tokenizer, text_file, tmp_path):
+    model = tiny_model_factory("llama", layers=4)
+    model.config.max_position_embeddings = 4096  # lm-eval: see tests/eval/test_evaluate.py
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    markdown = tmp_path / "BENCHMARKS.md"
+    markdown.write_text("# Benchmarks\n\nHand-written intro.\n")
+
+    record = hywia.bench.run(
+        model, tiny_tokenizer, ratios=[0.2], criteria="hywia,taylor-element1@layers=1:3", tasks="piqa", limit=2,
+        ppl_texts=[str(text_file)], ppl_tokens=256, seq_len=32, calib=text_file, calib_samples=4,
+        prune_kwargs={"layers": "0:4"}, out_dir=tmp_path / "out", markdown=markdown,
+        model_description="tiny random llama", command="hywia bench x", progress=False,
+    )
+
+    for name, value in model.state_dict().items():  # every run pruned a copy
+        torch.testing.assert_close(value, before[name], atol=0, rtol=0)
+    out = tmp_path / "out"
+    for name in ("widths.png", "agreement.png", "alpha.png"):
+        assert (out / name).read_bytes()[:8] == PNG, name
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["settings"]["criteria"] == ["hywia", "taylor-element1@layers=1:3"]
+    assert [run["label"] for run in saved["runs"]] == saved["settings"]["criteria"]
+    hywia_run, taylor_run = saved["runs"]
+    assert taylor_run["options"] == {"layers": "1:3"} and taylor_run["report"]["layers_pruned"] == [1, 3]
+    assert hywia_run["options"] == {"layers": "0:4"} and hywia_run["report"]["layers_pruned"] == [0, 4]
+    assert hywia_run["report"]["fusion"]["per_layer"]
+    for run in saved["runs"]:
+        assert run["eval"]["params"] < saved["dense"]["params"]
+        assert run["eval"]["zero_shot"]["tasks"]["piqa"]["n"] == 2
+        assert run["memory"]["peak_rss_mb"] > 0 and run["prune_seconds"] > 0
+    agreement = saved["granularity_agreement"]["per_layer"]
+    assert {row["kind"] for row in agreement} == {"head", "mlp"}
+    assert all(-1 <= row["element1_vs_vector"] <= 1 for row in agreement)
+    assert record["seconds"] == saved["seconds"]
+
+    table = (out / "bench.md").read_text()
+    assert "| dense | 0 |" in table and "`taylor-element1@layers=1:3`" in table and "](widths.png)" in table
+    assert "tiny random llama" in table and "`hywia bench x`" in table and "PIQA 2 (validation" in table
+    text = markdown.read_text()
+    assert text.startswith("# Benchmarks\n\nHand-written intro.") and "](out/agreement.png)" in text
+    assert text.count(BEGIN) == 1 and text.count(END) == 1
+
+
+def test_markdown_section_is_replaced_not_duplicated(tmp_path):
+    path = tmp_path / "B.md"
+    write_markdown(path, f"{BEGIN}\nold\n{END}\n")
+    path.write_text(path.read_text() + "\n## Speed\n\nkept\n")
+    write_markdown(path, f"{BEGIN}\nnew\n{END}\n")
+    text = path.read_text()
+    assert "new" in text and "old" not in text and text.count(BEGIN) == 1 and text.endswith("## Speed\n\nkept\n")
+
+
+def test_criteria_entries_carry_prune_options():
+    variant = parse_variant("hywia@allocation=global@round_to=8@compensate=bias")
+    assert variant.criterion == "hywia" and variant.label == "hywia@allocation=global@round_to=8@compensate=bias"
+    assert variant.options == {"allocation": "global", "round_to": 8, "compensate": "bias"}
+    assert parse_variant("fixed:0.5").options == {}
+    check_options({"layers": "2:5", "attention": "kv"})
+    with pytest.raises(InvalidRequestError, match="set by the bench"):
+        check_options({"calib_samples": 8})
+    with pytest.raises(InvalidRequestError, match="not an argument"):
+        check_options({"no_such_option": 1})
+    with pytest.raises(InvalidRequestError, match="KEY=VALUE"):
+        parse_variant("hywia@allocation")
+
+
+def test_recorded_command_reproduces_the_settings():
+    parser = build_parser()
+    args = parser.parse_args(["bench", "--ratios", "0.3", "--criteria", "magnitude,hywia@allocation=global",
+                              "--limit", "none", "--ppl-text", "lambada", "--ppl-text", "coqa",
+                              "--prune-option", "round_to=8"])
+    command = _command_line(args)
+    assert command.startswith("hywia bench ") and "--limit none" in command and "--calib-samples 64" in command
+    import shlex
+
+    again = parser.parse_args(shlex.split(command)[1:])
+    assert {k: v for k, v in vars(again).items() if k != "command_parser"} == \
+        {k: v for k, v in vars(args).items() if k != "command_parser"}
+
+
+def test_peak_memory_is_measured_per_block():
+    with peak_memory() as memory:
+        block = torch.ones(64, 1024, 1024, dtype=torch.uint8)  # 64 MB
+        del block
+    assert memory["peak_rss_mb"] >= memory["rss_before_mb"] + 60 or memory["scope"] == "process"
+
+
+def test_bench_cli_on_a_saved_folder(tiny_model_factory, tiny_tokenizer, text_file, tmp_path):
+    folder = tmp_path / "tiny"
+    tiny_model_factory("llama", layers=4).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    argv = ["bench", "--model", str(folder), "--ratios", "0.1", "--criteria", "magnitude", "--tasks", "none",
+            "--ppl-text", str(text_file), "--ppl-tokens", "128", "--seq-len", "32", "--calib", str(text_file),
+            "--calib-samples", "2", "--prune-option", "layers=0:4", "--out-dir", str(tmp_path / "out"),
+            "--markdown", str(tmp_path / "B.md")]
+    assert main(argv) == 0
+    saved = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert saved["model"] == str(folder) and saved["runs"][0]["options"] == {"layers": "0:4"}
+    assert saved["command"].startswith("hywia bench --model ") and "--prune-option layers=0:4" in saved["command"]
+    assert "| `magnitude` | 0.1 (" in (tmp_path / "B.md").read_text()
+    assert main(argv[:-2] + ["--criteria", "magnitude,no-such-criterion"]) == 2  # refused before any work

@@ -1,0 +1,41 @@
+"""The cost benchmark: one measured pass per path on a tiny model, and the summary's ratios and goals."""
+
+import pytest
+
+from conftest import TINY_TEXT, build_tiny_model
+from hywia.bench.cost import measure_step, render_markdown, summarise
+
+
+def test_measure_step_on_a_tiny_model(tiny_tokenizer, tmp_path):
+    folder = tmp_path / "model"
+    build_tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    (tmp_path / "calib.txt").write_text("\n\n".join([TINY_TEXT] * 6))
+    calib = str(tmp_path / "calib.txt")
+    results = [measure_step(str(folder), path, "auto", 3, 32, "0:4", "float32", "cpu", 0, calib)
+               for path in ("plain", "layerwise")]
+    for result in results:
+        assert result["added_mb"] > -5 and result["seconds"] > 0  # a tiny model: RSS noise only and result["memory"] == "RSS"
+        weights_mb = build_tiny_model("llama").num_parameters() * 4 / 2**20
+        assert result["weights_mb"] == pytest.approx(weights_mb, abs=0.05)
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-6)
+
+
+def _run(label, samples, added, seconds, cpu):
+    return {"label": label, "samples": samples, "added_mb": added, "weights_mb": 500.0, "seconds": seconds,
+            "cpu_seconds": cpu, "memory": "RSS"}
+
+
+def test_summary_ratios_and_goals():
+    runs = [_run("plain", 64, 1200, 100, 90), _run("layerwise", 64, 100, 120, 80),
+            _run("layerwise, memory store", 64, 600, 110, 85), _run("plain", 256, 1250, 400, 360),
+            _run("layerwise", 256, 110, 480, 320), _run("layerwise, memory store", 256, 2000, 450, 330)]
+    rows = summarise(runs, 64)
+    light = next(r for r in rows if r["label"] == "layerwise" and r["samples"] == 64)
+    assert light["added_vs_weights"] == 0.2 and light["plain_vs_added"] == 12.0
+    assert light["seconds_vs_plain"] == 1.2 and light["cpu_seconds_vs_plain"] == pytest.approx(0.889, abs=1e-3)
+    assert all(light["goals"].values())
+    assert sum("goals" in r for r in rows) == 1
+    table = render_markdown({"model": "m", "dtype": "float32", "seq_len": 128, "calib": "c", "summary": rows,
+                             "runs": runs})
+    assert table.count("\n| layerwise |") == 2 and "NOT met" not in table

@@ -1,0 +1,150 @@
+import json
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hywia.bench.speed import (
+    Decoder,
+    SpeedSettings,
+    Variant,
+    benchmark_shape,
+    ceiling,
+    chunk_sizes,
+    macs_per_token,
+    measure,
+    plan_variants,
+    pruned_copy,
+    render_markdown,
+)
+from hywia.models import adapter_for
+
+# tiny llama of conftest: hidden 64, head_dim 16, 4 query / 2 KV heads, MLP 96, vocab 300
+HIDDEN, HEAD_DIM, KV_HEADS, VOCAB = 64, 16, 2, 300
+
+
+def _layer_macs(heads: int, mlp: int) -> int:
+    q_and_o = 2 * HIDDEN * heads * HEAD_DIM
+    k_and_v = 2 * HIDDEN * KV_HEADS * HEAD_DIM
+    return q_and_o + k_and_v + 3 * HIDDEN * mlp
+
+
+def test_macs_per_token_is_the_hand_count(tiny_model_factory):
+    model = tiny_model_factory("llama", layers=4)
+    assert macs_per_token(model) == 4 * _layer_macs(4, 96) + VOCAB * HIDDEN == 142_080
+
+
+def test_tied_lm_head_counts_once():
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert macs_per_token(model) == _layer_macs(4, 96) + VOCAB * HIDDEN
+
+
+def test_ceiling_of_a_pruned_tiny_model(tiny_model_factory):
+    model = tiny_model_factory("llama", layers=4)
+    ids = torch.arange(10)[None]
+    with torch.no_grad():
+        before = model(ids).logits
+        pruned = pruned_copy(model, Variant(0.5))
+        assert torch.equal(model(ids).logits, before)
+    widths = [adapter_for(pruned).widths(layer) for layer in adapter_for(pruned).layers()]
+    assert all(w["num_attention_heads"] < 4 or w["intermediate_size"] < 96 for w in widths)
+    expected = sum(_layer_macs(w["num_attention_heads"], w["intermediate_size"]) for w in widths) + VOCAB * HIDDEN
+    assert macs_per_token(pruned) == expected
+    assert ceiling(model, pruned) == 142_080 / expected
+    # the dense model is untouched and shares its embedding and lm_head with the copy
+    assert macs_per_token(model) == 142_080
+    assert pruned.lm_head.weight is model.lm_head.weight
+    assert pruned.model.embed_tokens.weight is model.model.embed_tokens.weight
+
+
+def test_round_to_rounds_kept_mlp_widths(tiny_model_factory):
+    model = tiny_model_factory("llama", layers=4)
+    pruned = pruned_copy(model, Variant(0.5, round_to=(16,)))
+    assert all(adapter_for(pruned).widths(layer)["intermediate_size"] % 16 == 0
+               for layer in adapter_for(pruned).layers())
+
+
+def test_roundings_that_give_the_same_widths_share_one_variant(tiny_model_factory):
+    model = tiny_model_factory("llama", layers=4)
+    # 1000 exceeds every width, so it rounds nothing: the same model as round-to 1
+    variants = plan_variants(model, [0.3], [1, 1000, 16])
+    assert [v.label for v in variants] == ["dense", "30% round-to 1/1000", "30% round-to 16"]
+
+
+def test_repetitions_per_shape():
+    settings = SpeedSettings(shapes=["smollm2-135m", "llama-7b-shaped"], repetitions=[3, 1])
+    assert (settings.repetitions_of("smollm2-135m"), settings.repetitions_of("llama-7b-shaped")) == (3, 1)
+    assert SpeedSettings(repetitions=[2]).repetitions_of("llama-7b-shaped") == 2
+
+
+def test_chunked_decode_continues_exactly_where_it_stopped(tiny_model_factory):
+    from transformers import GenerationConfig
+
+    model = tiny_model_factory("llama", layers=2)
+    prompt = torch.tensor([[5], [7]])
+    decoder = Decoder(model, prompt)
+    for tokens in chunk_sizes(7, 3):
+        decoder.advance(tokens)
+    config = GenerationConfig(max_new_tokens=7, min_new_tokens=7, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        once = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+    assert torch.equal(decoder.ids, once)
+    assert chunk_sizes(7, 3) == [4, 3] and decoder.steps == 7 - 2
+    assert chunk_sizes(128, 32) == [32] * 4 and chunk_sizes(3, 32) == [3]
+
+
+def test_measure_runs_one_repetition_and_returns_json_fields(tiny_model_factory):
+    model = tiny_model_factory("llama", layers=2)
+    models = {"dense": model, "50%": pruned_copy(model, Variant(0.5))}
+    result = measure(models, vocab_size=VOCAB, batch_sizes=(1, 2), prompt_len=8, new_tokens=6, decode_chunk=3,
+                     repetitions=1)
+    assert set(result) == {"prefill b1", "prefill b2", "decode b1", "decode b2"}
+    for name, entry in result.items():
+        assert entry["unit"] == ("s" if name.startswith("prefill") else "tokens/s")
+        assert set(entry["samples"]) == set(entry["median"]) == {"dense", "50%"}
+        assert all(len(v) == 1 and v[0] > 0 for v in entry["samples"].values())
+        assert set(entry["speedup"]) == {"50%"} and entry["speedup"]["50%"] > 0
+        assert entry["speedup_samples"]["50%"] == [entry["speedup"]["50%"]]
+    json.dumps(result)
+
+
+def test_benchmark_shape_relates_speedups_to_ceilings(tiny_model_factory):
+    model = tiny_model_factory("llama", layers=2)
+    settings = SpeedSettings(ratios=[0.3], round_to=[1, 16], batch_sizes=[1], prompt_len=8, new_tokens=3,
+                             repetitions=[1])
+    shape = benchmark_shape("tiny", model, "tiny random llama", settings)
+    labels = [row["label"] for row in shape["variants"]]
+    assert labels == ["dense", "30% round-to 1", "30% round-to 16"]
+    assert shape["variants"][0]["ceiling"] == 1.0
+    for entry in shape["measurements"].values():
+        for row in shape["variants"][1:]:
+            assert entry["of_ceiling"][row["label"]] == entry["speedup"][row["label"]] / row["ceiling"]
+    record = {"command": "hywia bench --speed", "settings": settings.__dict__, "load_average_before": (1.0, 1.0, 1.0),
+              "machine": {"cpu": "test", "cores": 1, "torch": torch.__version__, "transformers": "x"},
+              "shapes": [shape], "seconds": 1.0, "load_average_after": (1.0, 1.0, 1.0)}
+    json.dumps(record)
+    markdown = render_markdown(record)
+    assert "`hywia bench --speed`" in markdown and "| 30% round-to 16 |" in markdown
+
+
+def test_bench_speed_flag_dispatches_with_its_settings(tmp_path, monkeypatch, capsys):
+    import hywia.bench.speed as speed
+    from hywia.cli import _command_line, build_parser, main
+
+    calls = []
+    monkeypatch.setattr(speed, "run_speed", lambda settings, out_dir, command: calls.append((settings, command)))
+    monkeypatch.setattr(speed, "render_markdown", lambda record: "table")
+    argv = ["bench", "--speed", "--speed-repetitions", "1", "--speed-shapes", "smollm2-135m", "--seed", "3",
+            "--out-dir", str(tmp_path)]
+    assert main(argv) == 0
+    settings, command = calls[0]
+    assert settings.shapes == ["smollm2-135m"] and settings.repetitions_of("smollm2-135m") == 1
+    assert (settings.seed, settings.ratios) == (3, [0.2, 0.5])
+    assert command.startswith("hywia bench --speed --speed-shapes smollm2-135m")
+    assert "--speed-round-to 1,8,64" in command and command.endswith(f"--out-dir {tmp_path}")
+    assert "table" in capsys.readouterr().out
+    # the speed flags stay out of the command line a quality bench records
+    args = build_parser().parse_args(["bench"])
+    assert "--speed" not in _command_line(args)

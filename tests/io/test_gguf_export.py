@@ -1,0 +1,323 @@
+"""GGUF export: per-layer widths and tensor layout read back with gguf.GGUFReader, the rope row order checked
+against both rope conventions, and (where llama-cpp-python is installed) llama.cpp's logits against transformers'.
+
+The llama.cpp checks need `pip install -r requirements-llamacpp.txt` (a from-source build, ~10 minutes); without it
+they are skipped. Tiny-model llama.cpp checks take seconds; the real-model ones are `slow`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hywia.cli import main
+from hywia.errors import InvalidRequestError, UnsupportedModelError
+from hywia.io import save_model
+from hywia.io.gguf_export import export_gguf, permute_rope_rows
+from hywia.models import adapter_for, mark_pruned
+from hywia.models.surgery import add_bias
+from hywia.pruning import allocate_uniform, apply_plan, select
+
+LLAMA_CPP_REASON = "llama-cpp-python is not installed (pip install -r requirements-llamacpp.txt builds llama.cpp)"
+
+
+def _prune_layers(model, layers: list[int], ratio: float = 0.4, attention: str = "heads"):
+    """Prune only `layers` (random scores), so the widths differ between layers unless all are listed."""
+    adapter = adapter_for(model, attention)
+    keep = allocate_uniform(adapter, layers, ratio)
+    generator = torch.Generator().manual_seed(0)
+    scores = {(i, s.kind): torch.rand(s.count, generator=generator)
+              for i in layers for s in adapter.group_specs(adapter.layers()[i])}
+    return apply_plan(model, select(adapter, scores, keep))
+
+
+def _export(model, tokenizer, tmp_path, outtype: str = "f32"):
+    folder = tmp_path / "model"
+    save_model(model, tokenizer, folder)
+    return export_gguf(str(folder), tmp_path / "model.gguf", outtype=outtype)
+
+
+def _fields(reader: gguf.GGUFReader, arch: str) -> dict:
+    prefix = f"{arch}."
+    return {name[len(prefix):]: field.contents() for name, field in reader.fields.items() if name.startswith(prefix)}
+
+
+def _tensor(reader: gguf.GGUFReader, name: str) -> gguf.ReaderTensor:
+    return next(t for t in reader.tensors if t.name == name)
+
+
+def _unpermute(rows: np.ndarray, n_heads: int) -> np.ndarray:
+    """The inverse of permute_rope_rows, written independently: pairs (2i, 2i+1) back to halves (i, i + d/2)."""
+    head_dim = rows.shape[0] // n_heads
+    return rows.reshape(n_heads, head_dim // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def test_rope_permutation_turns_half_split_rope_into_pairwise_rope():
+    n_heads, head_dim, positions = 3, 8, 5
+    q = torch.randn(positions, n_heads, head_dim)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angle = torch.arange(positions).float()[:, None, None] * inv_freq  # [pos, 1, d/2]
+    cos, sin = angle.cos(), angle.sin()
+    # transformers: dimension i pairs with i + d/2 (rotate_half)
+    x1, x2 = q[..., : head_dim // 2], q[..., head_dim // 2 :]
+    hf = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    # llama.cpp (LLAMA_ROPE_TYPE_NORM): dimension 2i pairs with 2i + 1
+    permuted = permute_rope_rows(q.reshape(positions, -1).T, n_heads).T.reshape(positions, n_heads, head_dim)
+    even, odd = permuted[..., 0::2], permuted[..., 1::2]
+    pairwise = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).reshape(q.shape)
+    expected = permute_rope_rows(hf.reshape(positions, -1).T, n_heads).T.reshape(q.shape)
+    torch.testing.assert_close(pairwise, expected)
+    weight = torch.randn(n_heads * head_dim, 7)
+    np.testing.assert_array_equal(_unpermute(permute_rope_rows(weight, n_heads).numpy(), n_heads), weight.numpy())
+
+
+def test_uneven_pruned_llama_is_written_as_deci_with_per_layer_widths(tiny_model_factory, tiny_tokenizer, tmp_path):
+    model = _prune_layers(tiny_model_factory("llama", heads=4, kv_heads=2), layers=[1, 2])
+    widths = model.config.hywia_layers
+    assert len({json.dumps(w, sort_keys=True) for w in widths}) > 1
+    result = _export(model, tiny_tokenizer, tmp_path)
+    assert result.arch == "deci" and result.tokenizer == "tokenizer.json"
+    reader = gguf.GGUFReader(result.path)
+    fields = _fields(reader, "deci")
+    assert fields["attention.head_count"] == [w["num_attention_heads"] for w in widths]
+    assert fields["attention.head_count_kv"] == [w["num_key_value_heads"] for w in widths]
+    assert fields["feed_forward_length"] == [w["intermediate_size"] for w in widths]
+    assert fields["block_count"] == 4 and fields["embedding_length"] == 64 and fields["vocab_size"] == 300
+    assert fields["attention.key_length"] == fields["attention.value_length"] == fields["rope.dimension_count"] == 16
+    assert fields["rope.freq_base"] == 10000.0 and fields["context_length"] == 256
+    state = model.state_dict()
+    for i, w in enumerate(widths):
+        q_rows, kv_rows, mlp = w["num_attention_heads"] * 16, w["num_key_value_heads"] * 16, w["intermediate_size"]
+        shapes = {name: list(_tensor(reader, f"blk.{i}.{name}.weight").shape) for name in
+                  ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+        # GGUF lists dimensions innermost first: [in_features, out_features]
+        assert shapes == {"attn_q": [64, q_rows], "attn_k": [64, kv_rows], "attn_v": [64, kv_rows],
+                          "attn_output": [q_rows, 64], "ffn_gate": [64, mlp], "ffn_up": [64, mlp],
+                          "ffn_down": [mlp, 64]}
+        q = _tensor(reader, f"blk.{i}.attn_q.weight").data
+        k = _tensor(reader, f"blk.{i}.attn_k.weight").data
+        v = _tensor(reader, f"blk.{i}.attn_v.weight").data
+        prefix = f"model.layers.{i}.self_attn"
+        np.testing.assert_array_equal(_unpermute(q, w["num_attention_heads"]), state[f"{prefix}.q_proj.weight"])
+        np.testing.assert_array_equal(_unpermute(k, w["num_key_value_heads"]), state[f"{prefix}.k_proj.weight"])
+        np.testing.assert_array_equal(v, state[f"{prefix}.v_proj.weight"])
+    np.testing.assert_array_equal(_tensor(reader, "output.weight").data, state["lm_head.weight"])
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert tokens[: len(tiny_tokenizer)] == tiny_tokenizer.convert_ids_to_tokens(list(range(len(tiny_tokenizer))))
+    assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == tiny_tokenizer.eos_token_id
+    assert len(reader.fields["tokenizer.ggml.merges"].contents()) > 0
+
+
+def test_uniform_model_stays_llama_and_tied_embeddings_write_token_embd_only(tiny_model_factory, tiny_tokenizer,
+                                                                             tmp_path):
+    model = tiny_model_factory("llama")
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    result = _export(_prune_layers(model, layers=[0, 1, 2, 3]), tiny_tokenizer, tmp_path)
+    assert result.arch == "llama"
+    reader = gguf.GGUFReader(result.path)
+    fields = _fields(reader, "llama")
+    assert isinstance(fields["attention.head_count"], int) and isinstance(fields["feed_forward_length"], int)
+    names = {t.name for t in reader.tensors}
+    assert "token_embd.weight" in names and "output.weight" not in names
+    assert len(names) == 2 + 9 * 4  # token_embd, output_norm, and 9 tensors per layer
+
+
+def test_qwen2_biases_follow_their_rows(tiny_model_factory, tiny_tokenizer, tmp_path):
+    dense = _export(tiny_model_factory("qwen2"), tiny_tokenizer, tmp_path / "dense")
+    assert dense.arch == "qwen2"
+    reader = gguf.GGUFReader(dense.path)
+    state = AutoModelForCausalLM.from_pretrained(tmp_path / "dense" / "model").state_dict()
+    np.testing.assert_array_equal(_tensor(reader, "blk.0.attn_q.bias").data,  # qwen2 rotates halves: rows as they are
+                                  state["model.layers.0.self_attn.q_proj.bias"])
+
+    model = _prune_layers(tiny_model_factory("qwen2"), layers=[1, 2])
+    pruned = _export(model, tiny_tokenizer, tmp_path / "pruned")
+    assert pruned.arch == "deci"
+    reader = gguf.GGUFReader(pruned.path)
+    heads = model.config.hywia_layers[1]["num_attention_heads"]
+    np.testing.assert_array_equal(_unpermute(_tensor(reader, "blk.1.attn_q.bias").data, heads),
+                                  model.state_dict()["model.layers.1.self_attn.q_proj.bias"])
+
+
+@pytest.mark.parametrize("outtype, matrix_type", [("f16", "F16"), ("bf16", "BF16"), ("q8_0", "Q8_0")])
+def test_outtypes(tiny_model_factory, tiny_tokenizer, tmp_path, outtype, matrix_type):
+    model = _prune_layers(tiny_model_factory("llama"), layers=[1, 2])
+    result = _export(model, tiny_tokenizer, tmp_path, outtype=outtype)
+    reader = gguf.GGUFReader(result.path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_norm.weight"] == "F32" and types["blk.1.attn_q.weight"] == matrix_type
+    width = model.config.hywia_layers[1]["intermediate_size"]
+    assert width % 32 != 0  # a pruned MLP width: Q8_0 blocks do not fit its rows, which fall back to F16
+    assert types["blk.1.ffn_down.weight"] == ("F16" if outtype == "q8_0" else matrix_type)
+    up = _tensor(reader, "blk.1.ffn_up.weight")
+    values = gguf.quants.dequantize(up.data, up.tensor_type).reshape(width, 64)
+    np.testing.assert_allclose(values, model.state_dict()["model.layers.1.mlp.up_proj.weight"], atol=0.01)
+
+
+def test_refusals_and_atomic_output(tiny_model_factory, tiny_tokenizer, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "model"
+    save_model(_prune_layers(tiny_model_factory("llama"), layers=[1, 2]), tiny_tokenizer, folder)
+    (tmp_path / "taken.gguf").write_bytes(b"x")
+    capsys.readouterr()
+    assert main(["export", "--model", str(folder), "--gguf", str(tmp_path / "taken.gguf")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"hywia: error: {tmp_path / 'taken.gguf'} already exists; pass --force to overwrite it"]
+    with pytest.raises(InvalidRequestError, match="outtype"):
+        export_gguf(str(folder), tmp_path / "a.gguf", outtype="q4_0")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(gguf.quants, "quantize", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_gguf(str(folder), tmp_path / "a.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "taken.gguf"]
+
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="rope"):
+        export_gguf(str(folder), tmp_path / "b.gguf")
+
+
+def test_cli_export(tiny_model_factory, tiny_tokenizer, tmp_path, capsys):
+    folder = tmp_path / "model"
+    save_model(_prune_layers(tiny_model_factory("mistral"), layers=[1, 2]), tiny_tokenizer, folder)
+    assert main(["export", "--model", str(folder), "--gguf", str(tmp_path / "m.gguf"), "--outtype", "q8_0"]) == 0
+    assert "architecture deci" in capsys.readouterr().out
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["general.architecture"].contents() == "deci"
+
+
+# --- llama.cpp itself ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp", reason=LLAMA_CPP_REASON)
+
+
+def _llama_cpp_logits(llama_cpp, path, ids: list[int]) -> np.ndarray:
+    """Logits of every position, one forward pass, f32 KV cache (so only the weights' type limits agreement)."""
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(64, len(ids)), n_batch=max(64, len(ids)),
+                          logits_all=True, n_threads=1, type_k=llama_cpp.GGML_TYPE_F32,
+                          type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
+    llm.eval(ids)
+    scores = np.array(llm.scores[: len(ids)])
+    llm.close()
+    return scores
+
+
+def _tiny_rope_model(rope_parameters: dict):
+    from conftest import tiny_config
+
+    config = tiny_config("llama")
+    config.rope_parameters = {"rope_theta": 10000.0, **rope_parameters}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0, 0.08)
+    return model.eval()
+
+
+@pytest.mark.parametrize("case, arch", [
+    ("llama-uniform", "llama"), ("llama-uneven", "deci"), ("mistral-kv", "deci"), ("llama-bias", "deci"),
+    ("qwen2-dense", "qwen2"), ("qwen2-uniform", "llama"), ("qwen2-uneven", "deci"),
+    ("llama3-rope", "deci"), ("linear-rope", "deci"),
+])
+def test_llama_cpp_logits_match_transformers(llama_cpp, tiny_model_factory, tiny_tokenizer, tmp_path, case, arch):
+    if case == "llama3-rope":
+        model = _tiny_rope_model({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    elif case == "linear-rope":
+        model = _tiny_rope_model({"rope_type": "linear", "factor": 4.0})
+    else:
+        model = tiny_model_factory(case.split("-")[0])
+    if case != "qwen2-dense":
+        layers = [0, 1, 2, 3] if case.endswith("uniform") else [1, 2]
+        model = _prune_layers(model, layers, attention="kv" if case == "mistral-kv" else "heads")
+    if case == "llama-bias":  # what --compensate leaves: output-projection biases the config does not declare
+        with torch.no_grad():
+            for name in ("self_attn.o_proj", "mlp.down_proj"):
+                add_bias(model.model.layers[1].get_submodule(name))
+                model.model.layers[1].get_submodule(name).bias.normal_(0, 0.1)
+        mark_pruned(model)
+    result = _export(model, tiny_tokenizer, tmp_path)
+    assert result.arch == arch
+    ids = torch.randint(0, 300, (48,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(_llama_cpp_logits(llama_cpp, result.path, ids), expected, atol=1e-4, rtol=0)
+
+
+# --- the real model ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_p20(tmp_path_factory):
+    """SmolLM2-135M-Instruct with 20% removed by weight magnitude (no calibration pass), exported as f32 GGUF."""
+    from hywia import prune
+
+    folder = tmp_path_factory.mktemp("smollm2") / "p20"
+    prune(None, ratio=0.2, criterion="magnitude", ppl_text=None, out=folder, progress=False)
+    return folder, export_gguf(str(folder), folder.parent / "p20.gguf", outtype="f32")
+
+
+@pytest.mark.slow
+def test_smollm2_export_keeps_the_original_tokenizer(smollm2_p20):
+    from hywia.data.assets import smollm2_gguf
+
+    _, result = smollm2_p20
+    assert result.arch == "deci" and result.tokenizer == "embedded SmolLM2 GGUF"
+    original, exported = gguf.GGUFReader(smollm2_gguf()), gguf.GGUFReader(result.path)
+    keys = sorted(name for name in original.fields if name.startswith("tokenizer."))
+    assert "tokenizer.ggml.pre" in keys and "tokenizer.chat_template" in keys
+    for key in keys:
+        assert exported.fields[key].contents() == original.fields[key].contents(), key
+    assert "output.weight" not in {t.name for t in exported.tensors}  # tied: llama.cpp reuses token_embd
+
+
+@pytest.mark.slow
+def test_smollm2_in_llama_cpp_matches_transformers(llama_cpp, smollm2_p20):
+    from transformers import AutoTokenizer
+
+    from hywia.eval.perplexity import heldout_windows, perplexity
+
+    folder, result = smollm2_p20
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    _, windows = heldout_windows(tokenizer, "lambada", seq_len=128, max_tokens=1024)
+    llm = llama_cpp.Llama(model_path=str(result.path), n_ctx=128, n_batch=128, logits_all=True, n_threads=1,
+                          verbose=False)
+    nll = 0.0
+    for window in windows.tolist():
+        llm.reset()
+        llm.eval(window)
+        logits = torch.from_numpy(np.array(llm.scores[: len(window) - 1]))
+        nll += torch.nn.functional.cross_entropy(logits, torch.tensor(window[1:]), reduction="sum").item()
+    ppl_llama_cpp = math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1)))
+    ppl_hf = perplexity(model, windows)
+    assert abs(ppl_llama_cpp / ppl_hf - 1) < 0.01, (ppl_hf, ppl_llama_cpp)
+
+    prompt = tokenizer("The capital of France is")["input_ids"]
+    assert llm.tokenize(b"The capital of France is", add_bos=False) == prompt
+    with torch.no_grad():
+        hf_ids = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+    llm.reset()
+    llm.eval(prompt)
+    cpp_ids = []
+    for _ in range(8):
+        cpp_ids.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval(cpp_ids[-1:])
+    llm.close()
+    assert cpp_ids == hf_ids, (tokenizer.decode(hf_ids), tokenizer.decode(cpp_ids))
