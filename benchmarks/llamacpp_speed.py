@@ -7,7 +7,7 @@ generation tokens/s through llama-cpp-python. Writes benchmarks/results/llamacpp
     python benchmarks/llamacpp_speed.py --pruned /tmp/exp-p20 --pruned /tmp/exp-p50
 
 Generation is greedy, one llama_decode per token with the argmax taken in numpy (well under 1% of a step here).
-Each figure is the median of --repeats runs; the machine's other load shows in their spread (min..max in the JSON).
+Each figure is the median of --repeats runs, the models taking turns; the spread (min..max) is in the JSON.
 """
 
 from __future__ import annotations
@@ -34,35 +34,52 @@ from hywia.io.gguf_export import export_gguf  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def measure(llama_cpp, path: Path, prompt_tokens: int, gen_tokens: int, threads: int, repeats: int) -> dict:
-    """Median prompt and generation tokens/s of one GGUF file, with the runs' spread."""
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=prompt_tokens + gen_tokens + 8, n_batch=prompt_tokens,
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
+def next_token(llama_cpp, llm) -> int:
+    """Greedy choice from the last position's logits (read in place: llama-cpp-python keeps no copy without
+    logits_all)."""
+    logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return int(np.argmax(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),))))
+
+
+def run_once(llama_cpp, llm, prompt: list[int], gen_tokens: int) -> tuple[float, float]:
+    """(prompt tokens/s, generation tokens/s) of one prompt evaluation and greedy continuation."""
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    prompt_s = time.perf_counter() - start
+    token = next_token(llama_cpp, llm)
+    start = time.perf_counter()
+    for _ in range(gen_tokens):
+        llm.eval([token])
+        token = next_token(llama_cpp, llm)
+    return len(prompt) / prompt_s, gen_tokens / (time.perf_counter() - start)
+
+
+def measure(llama_cpp, paths: list[Path], prompt_tokens: int, gen_tokens: int, threads: int,
+            repeats: int) -> list[dict]:
+    """Median tokens/s of each GGUF file and the runs' spread. The files take turns run by run, so a change in the
+    machine's other load falls on all of them alike rather than on whichever model ran at the time."""
+    models = [llama_cpp.Llama(model_path=str(path), n_ctx=prompt_tokens + gen_tokens + 8, n_batch=prompt_tokens,
+                              n_threads=threads, n_threads_batch=threads, verbose=False) for path in paths]
     text = " ".join(lambada_passages()[:40])
-    prompt = llm.tokenize(text.encode(), add_bos=False)[:prompt_tokens]
+    prompt = models[0].tokenize(text.encode(), add_bos=False)[:prompt_tokens]
     if len(prompt) < prompt_tokens:
         raise HywiaError(f"only {len(prompt)} prompt tokens available, asked for {prompt_tokens}")
-    prompt_tps, gen_tps = [], []
-    for _ in range(repeats + 1):  # the first run warms caches and is dropped
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(prompt)
-        prompt_s = time.perf_counter() - start
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        start = time.perf_counter()
-        for _ in range(gen_tokens):
-            llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        gen_s = time.perf_counter() - start
-        prompt_tps.append(prompt_tokens / prompt_s)
-        gen_tps.append(gen_tokens / gen_s)
-    llm.close()
-    return {
-        "prompt_tps": statistics.median(prompt_tps[1:]),
-        "prompt_tps_range": [min(prompt_tps[1:]), max(prompt_tps[1:])],
-        "gen_tps": statistics.median(gen_tps[1:]),
-        "gen_tps_range": [min(gen_tps[1:]), max(gen_tps[1:])],
-    }
+    runs: list[list[tuple[float, float]]] = [[] for _ in models]
+    for repeat in range(repeats + 1):  # the first round warms caches and is dropped
+        for llm, model_runs in zip(models, runs):
+            result = run_once(llama_cpp, llm, prompt, gen_tokens)
+            if repeat:
+                model_runs.append(result)
+    for llm in models:
+        llm.close()
+    speeds = []
+    for model_runs in runs:
+        prompt_tps, gen_tps = [r[0] for r in model_runs], [r[1] for r in model_runs]
+        speeds.append({"prompt_tps": statistics.median(prompt_tps),
+                       "prompt_tps_range": [min(prompt_tps), max(prompt_tps)],
+                       "gen_tps": statistics.median(gen_tps), "gen_tps_range": [min(gen_tps), max(gen_tps)]})
+    return speeds
 
 
 def render_markdown(record: dict) -> str:
@@ -94,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
     try:
         import llama_cpp
@@ -106,26 +123,26 @@ def main(argv: list[str] | None = None) -> int:
     for folder in args.pruned:
         report = json.loads((Path(folder) / "report.json").read_text())
         models.append((Path(folder).name, folder, report["ratio_achieved"]))
-    rows = []
+    load_before = os.getloadavg()[0]
     try:
         with tempfile.TemporaryDirectory(prefix="hywia-llamacpp-") as work:
-            for label, model, ratio in models:
-                exported = export_gguf(model, Path(work) / f"{label}.gguf", outtype=args.outtype)
-                speed = measure(llama_cpp, exported.path, args.prompt_tokens, args.gen_tokens, args.threads,
-                                args.repeats)
-                rows.append({"label": label, "model": str(model), "ratio": ratio, "arch": exported.arch,
-                             "file_mib": exported.file_bytes / 2**20, **speed})
-                print(f"{label}: prompt {speed['prompt_tps']:.0f} tok/s, generation {speed['gen_tps']:.1f} tok/s")
+            exports = [export_gguf(model, Path(work) / f"{label}.gguf", outtype=args.outtype)
+                       for label, model, _ in models]
+            speeds = measure(llama_cpp, [e.path for e in exports], args.prompt_tokens, args.gen_tokens, args.threads,
+                             args.repeats)
     except HywiaError as exc:
         print(f"llamacpp_speed.py: error: {exc}", file=sys.stderr)
         return 2
     record = {
         "settings": vars(args),
         "llama_cpp_python": llama_cpp.__version__,
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared with other jobs while measured)",
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, shared: 1-minute load average "
+                   f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after",
         "base_model": describe(args.dense),
         "command": " ".join(["python", "benchmarks/llamacpp_speed.py", *(argv if argv is not None else sys.argv[1:])]),
-        "rows": rows,
+        "rows": [{"label": label, "model": str(model), "ratio": ratio, "arch": exported.arch,
+                  "file_mib": exported.file_bytes / 2**20, **speed}
+                 for (label, model, ratio), exported, speed in zip(models, exports, speeds)],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "llamacpp_speed.json").write_text(json.dumps(record, indent=1) + "\n")

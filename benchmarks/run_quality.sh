@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Regenerates every number, table and plot of the quality section of BENCHMARKS.md:
-# 8 criteria x 2 ratios on the embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised), the same 64 calibration
+# hywia's defaults against the peers at their own settings (LLM-Pruner's Taylor criteria and Wanda-sp: uniform,
+# no compensation; FLAP: global allocation with bias compensation), x 2 ratios on the embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised), the same 64 calibration
 # windows for every run, perplexity on 16k held-out tokens of LAMBADA and of CoQA, and the seven zero-shot tasks on
 # fixed seed-0 subsets of 100 items each. About 75 minutes on a quiet 2-core CPU (one thread).
 #
-#   benchmarks/run_quality.sh                          # writes benchmarks/quality/ and BENCHMARKS.md
+#   benchmarks/run_quality.sh                          # writes benchmarks/quality/ and benchmarks/results/quality.md
 #   benchmarks/run_quality.sh --prune-option allocation=global --out-dir /tmp/q --markdown /tmp/q/B.md
 #
 # Extra flags are appended, so they override the ones below. HYWIA=path/to/hywia picks the executable.
@@ -18,10 +19,10 @@ export TOKENIZERS_PARALLELISM=false
 
 exec "$HYWIA" bench \
   --ratios 0.2,0.5 \
-  --criteria hywia,taylor-element1,taylor-element2,taylor-vector,fixed:0.5,wanda-sp,magnitude,random \
+  --criteria hywia,taylor-element1@allocation=uniform@compensate=none,taylor-element2@allocation=uniform@compensate=none,taylor-vector@allocation=uniform@compensate=none,fixed:0.5@allocation=uniform@compensate=none,wanda-sp@allocation=uniform@compensate=none,flap@compensate=bias,taylor-element1,magnitude,random \
   --calib-samples 64 --seq-len 128 --seed 0 \
   --ppl-text lambada,coqa --ppl-tokens 16384 \
   --tasks all --limit 100 \
   --out-dir benchmarks/quality \
-  --markdown BENCHMARKS.md \
+  --markdown benchmarks/results/quality.md \
   "$@"

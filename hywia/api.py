@@ -20,7 +20,7 @@ from .importance.collect import PATHS
 from .importance.layerwise import STORES
 from .io import check_output, describe, load_model, save_model
 from .models import adapter_for
-from .offload import check_placement, is_offloaded, place
+from .offload import check_placement, place
 from .pruning import PruningPlan, allocate_global, allocate_uniform, apply_plan, parse_layers, select
 from .pruning.compensate import MODES, compensate as compensate_removed, input_moments
 
@@ -54,8 +54,8 @@ def prune(
     seq_len: int = 128,
     layers: str | None = None,
     attention: str = "heads",
-    allocation: str = "uniform",
-    compensate: str = "none",
+    allocation: str = "global",
+    compensate: str = "lstsq",
     round_to: int = 1,
     seed: int = 0,
     out: str | Path | None = None,
@@ -116,8 +116,6 @@ def prune(
         model_name = describe(model)
         model, tokenizer = load_model(model, device=device, dtype=dtype, offload=offload, device_map=device_map,
                                       offload_folder=offload_folder)
-    if compensate != "none" and is_offloaded(model):
-        raise InvalidRequestError("--compensate edits weights in place and does not stream offloaded layers yet")
     adapter = adapter_for(model, attention)
     layer_indices = parse_layers(layers, len(adapter.layers()))
     keep = allocate_uniform(adapter, layer_indices, ratio, round_to)

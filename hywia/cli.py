@@ -32,9 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="layers to prune as A:B (default: keep first ~10%% and last 2)")
     p.add_argument("--attention", choices=["heads", "kv"], default="heads",
                    help="remove query heads evenly per KV group, or whole KV groups")
-    p.add_argument("--allocation", choices=["uniform", "global"], default="uniform",
+    p.add_argument("--allocation", choices=["uniform", "global"], default="global",
                    help="same share per pruned layer, or rank the groups of all pruned layers together")
-    p.add_argument("--compensate", choices=["none", "bias", "lstsq"], default="none",
+    p.add_argument("--compensate", choices=["none", "bias", "lstsq"], default="lstsq",
                    help="fold what the removed groups wrote into a bias (FLAP) or refit kept columns by least squares")
     p.add_argument("--round-to", type=int, default=1, help="round kept MLP widths (and heads where possible) to N")
     p.add_argument("--importance-path", choices=["layerwise", "plain"], default="layerwise",
@@ -144,10 +144,11 @@ def _bench(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise HywiaError(f"--ratios must be a comma list of numbers, got {args.ratios!r}") from exc
     options = dict(parse_option(pair) for pair in args.prune_option)
+    args.ppl_text = args.ppl_text or ["lambada,coqa"]  # spelled out in the recorded command
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     run(
         model, tokenizer, ratios=ratios, criteria=args.criteria, tasks=args.tasks, limit=args.limit, seed=args.seed,
-        ppl_texts=args.ppl_text or ["lambada", "coqa"], ppl_tokens=args.ppl_tokens, seq_len=args.seq_len,
+        ppl_texts=args.ppl_text, ppl_tokens=args.ppl_tokens, seq_len=args.seq_len,
         calib=args.calib, calib_samples=args.calib_samples, prune_kwargs=options, out_dir=args.out_dir,
         markdown=args.markdown, model_description=describe(args.model), command=_command_line(args),
     )
@@ -355,6 +356,9 @@ def _export(args: argparse.Namespace) -> None:
     result = export_gguf(args.model, args.gguf, outtype=args.outtype, force=args.force)
     print(f"architecture {result.arch}, {result.tensors} tensors ({result.outtype}), tokenizer from "
           f"{result.tokenizer}, {result.file_bytes / 2**20:.1f} MiB")
+    if result.unaligned_widths:
+        print(f"note: MLP widths {result.unaligned_widths} are not multiples of 32: llama.cpp runs them on slower "
+              "kernels (and keeps them f16 under q8_0); prune with --round-to 32 for deployment")
     print(f"saved to {result.path}")
 
 

@@ -91,9 +91,14 @@ def _new_weights_map(old, module: nn.Module, name: str):
     prefix = getattr(old, "prefix", "")
     if folder is None or any(prefix + key in getattr(dataset, "state_dict", {}) for key in tensors):
         return tensors
-    path = Path(folder) / "hywia-edited" / f"{name or 'root'}-{uuid.uuid4().hex}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    edited = Path(folder) / "hywia-edited"
+    path = edited / f"{name or 'root'}-{uuid.uuid4().hex}.safetensors"
+    edited.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))
+    for entry in getattr(dataset, "index", {}).values():  # an earlier edit's file, never the checkpoint's
+        previous = Path(entry.get("safetensors_file") or path)
+        if previous.parent == edited and previous != path:
+            previous.unlink(missing_ok=True)
     index = {key: {"safetensors_file": str(path), "weight_name": key} for key in tensors}
     return OffloadedWeightsLoader(save_folder=folder, index=index)
 

@@ -30,12 +30,16 @@ def _layer_params_on_meta(model) -> bool:
     return all(p.device.type == "meta" for layer in adapter_for(model).layers() for p in layer.parameters())
 
 
-@pytest.mark.parametrize("criterion", ["taylor-element2", "wanda-sp", "hywia"])
-def test_disk_offload_prunes_the_same_groups(tiny_tokenizer, calib_file, tmp_path, criterion):
-    in_memory = _prune(build_tiny_model("llama"), tiny_tokenizer, calib_file, criterion=criterion)
+@pytest.mark.parametrize("criterion,options", [
+    ("taylor-element2", {}),  # the defaults: global allocation, least-squares compensation
+    ("wanda-sp", {"compensate": "bias"}),
+    ("hywia", {"compensate": "none", "allocation": "uniform"}),
+])
+def test_disk_offload_prunes_the_same_groups(tiny_tokenizer, calib_file, tmp_path, criterion, options):
+    in_memory = _prune(build_tiny_model("llama"), tiny_tokenizer, calib_file, criterion=criterion, **options)
     out = tmp_path / "pruned"
     offloaded = _prune(build_tiny_model("llama"), tiny_tokenizer, calib_file, criterion=criterion, offload="disk",
-                       offload_folder=tmp_path / "offload", out=out)
+                       offload_folder=tmp_path / "offload", out=out, **options)
     assert offloaded.plan == in_memory.plan
     assert _layer_params_on_meta(offloaded.model)  # still streamed after surgery, at the pruned sizes
     ids = torch.randint(0, 300, (1, 12))
@@ -81,8 +85,6 @@ def test_refusals(tiny_tokenizer, calib_file):
         _prune(build_tiny_model("llama"), tiny_tokenizer, calib_file, offload="disk", device_map="auto")
     with pytest.raises(InvalidRequestError, match="--offload"):
         _prune(build_tiny_model("llama"), tiny_tokenizer, calib_file, offload="gpu")
-    with pytest.raises(InvalidRequestError, match="--compensate"):
-        _prune(build_tiny_model("llama"), tiny_tokenizer, calib_file, offload="disk", compensate="bias")
     with pytest.raises(InvalidRequestError, match="layerwise"):
         _prune(build_tiny_model("llama"), tiny_tokenizer, calib_file, offload="disk", importance_path="plain",
                criterion="taylor-element1")

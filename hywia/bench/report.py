@@ -102,7 +102,8 @@ def render_markdown(record: dict, base: Path) -> str:
     lines = [BEGIN, "## Quality: pruning criteria side by side", ""]
     lines.append(f"- **Model**: {record['model']}, {dense['params'] / 1e6:.1f}M parameters.")
     load = "" if "load_average_end" not in record else (
-        f"; load average {record['load_average_start'][0]:.1f} at start, {record['load_average_end'][0]:.1f} at end")
+        f"; load average {record['load_average_start'][0]:.1f} at start, {record['load_average_end'][0]:.1f} at end; "
+        f"the whole bench took {record['seconds'] / 60:.0f} min")
     lines.append(f"- **Machine**: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch "
                  f"thread(s){', ' + machine['gpu'] if 'gpu' in machine else ''}; torch {machine['torch']}, "
                  f"transformers {machine['transformers']}, lm-eval {machine['lm_eval']}, hywia {machine['hywia']}"
@@ -124,7 +125,9 @@ def render_markdown(record: dict, base: Path) -> str:
                      "average = their mean." + _standard_errors(record))
     lines.append("- **Columns**: ratio = requested (achieved share of decoder parameters removed); prune s = "
                  "wall seconds of `hywia.prune` (calibration pass, scoring, surgery); peak MB = the process's "
-                 "peak resident memory during that prune, the bench's in-memory dense copy included.")
+                 "peak resident memory during that prune, the bench's in-memory dense copy included. bench.json also "
+                 "holds CPU seconds (`prune_cpu_seconds`, `eval.cpu_seconds`), the steadier measure on a shared "
+                 "machine.")
     if record.get("command"):
         lines.append(f"- **Command**: `{record['command']}`")
     lines += ["", *_table(record), ""]

@@ -13,7 +13,9 @@ pruned measured moments apart) and their median over repetitions is reported.
 - decode: greedy `model.generate` from a one-token prompt (as llama-bench's tg), exactly `new_tokens` tokens, plain
   loop with its dynamic KV cache; the models take turns every `decode_chunk` tokens, each resuming from its own
   cache, and the rate counts the steps between tokens: the decode steps alone, each with generate's own
-  per-token work.
+  per-token work;
+- decode static+compile (chosen shapes and batch sizes): the same with a static KV cache and the forward under
+  torch.compile, which takes the loop's fixed per-token cost off a small model.
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import (
+    Cache,
     DynamicCache,
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
     LogitsProcessor,
     LogitsProcessorList,
+    StaticCache,
 )
 
 from ..errors import InvalidRequestError
@@ -74,6 +78,8 @@ class SpeedSettings:
     prompt_len: int = 128
     new_tokens: int = 128
     decode_chunk: int = 32
+    compile_shapes: list[str] = field(default_factory=lambda: ["smollm2-135m"])
+    compile_batch_sizes: list[int] = field(default_factory=lambda: [8])
     repetitions: list[int] = field(default_factory=lambda: [3])
     llama_layers: int = 2
     seed: int = 0
@@ -189,9 +195,9 @@ class Decoder:
     first step runs inside generate's set-up.
     """
 
-    def __init__(self, model: nn.Module, prompt: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, prompt: torch.Tensor, cache: Cache | None = None) -> None:
         self.model, self.ids = model, prompt
-        self.cache = DynamicCache(config=model.config)
+        self.cache = cache if cache is not None else DynamicCache(config=model.config)
         self.steps, self.seconds = 0, 0.0
 
     @torch.inference_mode()
@@ -207,6 +213,21 @@ class Decoder:
     def tokens_per_second(self) -> float:
         """Over all rows of the batch."""
         return self.ids.shape[0] * self.steps / self.seconds
+
+
+def compiled_twin(model: nn.Module) -> nn.Module:
+    """A second module over the same tensors whose forward runs under torch.compile (shapes specialised).
+
+    With a static KV cache every decode step has the same shapes, so one graph serves them all and the generate
+    loop's per-token Python work shrinks to a graph call. The original keeps its eager forward for the plain runs.
+    """
+    twin = copy.deepcopy(model, memo={id(t): t for t in (*model.parameters(), *model.buffers())})
+    twin.forward = torch.compile(twin.forward, dynamic=False)
+    return twin
+
+
+def static_cache(model: nn.Module, length: int) -> StaticCache:
+    return StaticCache(config=model.config, max_cache_len=length)
 
 
 def chunk_sizes(new_tokens: int, chunk: int) -> list[int]:
@@ -236,6 +257,7 @@ def measure(
     prompt_len: int = 128,
     new_tokens: int = 128,
     decode_chunk: int = 32,
+    compiled_batch_sizes: Sequence[int] = (),
     repetitions: int = 3,
     seed: int = 0,
     progress: bool = False,
@@ -245,6 +267,8 @@ def measure(
     Within a repetition the models run back to back in a rotated order (decode: taking turns every `decode_chunk`
     tokens). The first model is the reference: speed-ups are taken against it within each repetition, and their
     median is the speed-up. A warm-up at small sizes runs every code path of every model once before timing.
+    At `compiled_batch_sizes` decode is measured a second time with a static KV cache and a torch.compile'd
+    forward ('decode b8 static+compile'); its warm-up compiles, and how long that took is kept.
     """
     if repetitions < 1:
         raise InvalidRequestError("repetitions must be at least 1")
@@ -252,12 +276,21 @@ def measure(
     generator = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, vocab_size, (max(batch_sizes), prompt_len), generator=generator)
     labels = list(models)
+    twins = {label: compiled_twin(model) for label, model in models.items()} if compiled_batch_sizes else {}
 
     def prefill(batch: int, order: list[str]) -> dict[str, float]:
         return {label: prefill_seconds(models[label], prompts[:batch]) for label in order}
 
     def decode(batch: int, order: list[str]) -> dict[str, float]:
         decoders = {label: Decoder(models[label], prompts[:batch, :1]) for label in order}
+        return take_turns(decoders, order)
+
+    def decode_compiled(batch: int, order: list[str]) -> dict[str, float]:
+        decoders = {label: Decoder(twins[label], prompts[:batch, :1], static_cache(twins[label], 1 + new_tokens))
+                    for label in order}
+        return take_turns(decoders, order)
+
+    def take_turns(decoders: dict[str, Decoder], order: list[str]) -> dict[str, float]:
         for tokens in chunks:
             for label in order:
                 decoders[label].advance(tokens)
@@ -265,11 +298,19 @@ def measure(
 
     runs = [(f"prefill b{b}", "s", prefill, b) for b in batch_sizes]
     runs += [(f"decode b{b}", "tokens/s", decode, b) for b in batch_sizes]
-    with single_thread():
-        for model in models.values():
+    runs += [(f"decode b{b} static+compile", "tokens/s", decode_compiled, b) for b in compiled_batch_sizes]
+    compile_seconds: dict[str, dict[str, float]] = {f"decode b{b} static+compile": {} for b in compiled_batch_sizes}
+    # every model and batch size adds two graphs (empty cache, filled cache) to the same forward code: allow them
+    graphs = 2 * len(models) * len(compiled_batch_sizes)
+    with single_thread(), torch._dynamo.config.patch(recompile_limit=8 + graphs):
+        for label, model in models.items():
             for b in batch_sizes:
                 prefill_seconds(model, prompts[:b, : min(prompt_len, 8)])
                 Decoder(model, prompts[:b, :1]).advance(4)
+            for b in compiled_batch_sizes:
+                start = time.perf_counter()
+                Decoder(twins[label], prompts[:b, :1], static_cache(twins[label], 1 + new_tokens)).advance(4)
+                compile_seconds[f"decode b{b} static+compile"][label] = time.perf_counter() - start
         samples = {name: {label: [] for label in labels} for name, *_ in runs}
         for rep in range(repetitions):
             shift = rep % len(labels)
@@ -290,6 +331,8 @@ def measure(
                          "median": {label: statistics.median(v) for label, v in per_model.items()},
                          "speedup_samples": paired,
                          "speedup": {label: statistics.median(v) for label, v in paired.items()}}
+        if name in compile_seconds:
+            results[name]["compile_seconds"] = compile_seconds[name]
     return results
 
 
@@ -308,7 +351,10 @@ def benchmark_shape(name: str, model: nn.Module, description: str, settings: Spe
                      "macs_per_token": macs_per_token(m), "ceiling": ceiling(model, m), "widths": layer_widths(m)})
     measurements = measure(models, vocab_size=model.config.vocab_size, batch_sizes=settings.batch_sizes,
                            prompt_len=settings.prompt_len, new_tokens=settings.new_tokens,
-                           decode_chunk=settings.decode_chunk, repetitions=settings.repetitions_of(name), seed=settings.seed, progress=True)
+                           decode_chunk=settings.decode_chunk,
+                           compiled_batch_sizes=settings.compile_batch_sizes if name in settings.compile_shapes else (),
+                           repetitions=settings.repetitions_of(name),
+                           seed=settings.seed, progress=True)
     for result in measurements.values():
         result["of_ceiling"] = {row["label"]: result["speedup"][row["label"]] / row["ceiling"]
                                 for row in rows[1:]}
@@ -324,6 +370,8 @@ def run_speed(settings: SpeedSettings, out_dir: str | Path, command: str) -> dic
     unknown = [s for s in settings.shapes if s not in SHAPES]
     if unknown:
         raise InvalidRequestError(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
+    for name in settings.shapes:  # a bad count fails now, not after the first shape's half hour
+        settings.repetitions_of(name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -364,7 +412,8 @@ def render_markdown(record: dict, goal: float = 0.9) -> str:
         f"Prefill: one forward over {s['prompt_len']} random tokens, logits of every position. Decode: greedy "
         f"`generate` of {s['new_tokens']} tokens from a 1-token prompt, plain loop (dynamic KV cache), the models "
         f"taking turns every {s['decode_chunk']} tokens (each resumes from its own cache); tokens/s over all rows, "
-        "decode steps only.",
+        "decode steps only. `static+compile`: the same decode with a static KV cache and the forward under "
+        "`torch.compile` (compiled in the warm-up, not timed).",
         "Pruning: uniform allocation over every layer, random scores (speed depends on the widths only). "
         "Repetitions are interleaved, after a warm-up; each cell is the median over repetitions of the speed-up "
         "against the dense model measured in the same repetition (every sample is in speed.json).",
@@ -384,6 +433,11 @@ def render_markdown(record: dict, goal: float = 0.9) -> str:
                      f"{row['macs_per_token'] / 1e6:.1f}M", f"{row['ceiling']:.2f}x"]
             cells += [_cell(shape["measurements"][n], row["label"]) for n in names]
             lines.append("| " + " | ".join(cells) + " |")
+        for name in names:
+            compile_seconds = shape["measurements"][name].get("compile_seconds")
+            if compile_seconds:
+                lines += ["", f"{name}: compiling took {min(compile_seconds.values()):.0f}-"
+                              f"{max(compile_seconds.values()):.0f} s per model."]
     after = ", ".join(f"{a:.1f}" for a in record["load_average_after"])
     lines += ["", f"Total wall time {record['seconds'] / 60:.1f} min; load average {after} at the end.", ""]
     return "\n".join(lines)
@@ -410,6 +464,8 @@ def add_speed_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     flag("prompt-len", "prefill tokens")
     flag("new-tokens", "decoded tokens")
     flag("decode-chunk", "decode tokens a model generates before the next model takes its turn")
+    flag("compile-shapes", "shapes whose decode is measured again with a static KV cache and torch.compile, or none")
+    flag("compile-batch-sizes", "batch sizes of that second decode measurement")
     flag("repetitions", "interleaved timed repetitions: one count, or a comma list with one per shape")
     flag("llama-layers", "decoder layers of the LLaMA-7B-shaped stack")
 
@@ -420,6 +476,9 @@ def settings_from_args(args: argparse.Namespace) -> SpeedSettings:
     for key, default in asdict(SpeedSettings()).items():
         text = getattr(args, f"speed_{key}", None)
         if text is None:
+            continue
+        if isinstance(default, list) and str(text).strip().lower() == "none":
+            values[key] = []
             continue
         kind = type(default[0]) if isinstance(default, list) else type(default)
         try:
@@ -437,5 +496,5 @@ def command_line(program: list[str], settings: SpeedSettings, prefix: str = "", 
     words = list(program)
     for key, value in asdict(settings).items():
         flag = "--seed" if key == "seed" else f"--{prefix}{key.replace('_', '-')}"
-        words += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+        words += [flag, (",".join(map(str, value)) or "none") if isinstance(value, list) else str(value)]
     return shlex.join(words + list(extra))

@@ -111,7 +111,7 @@ class HywiaFusion(Criterion):
 
     def __init__(
         self,
-        steps: int = 40,
+        steps: int = 24,
         batch_size: int = 4,
         lr: float = 0.05,
         temperature: tuple[float, float] = (0.3, 0.01),

@@ -18,7 +18,6 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import gguf
 import numpy as np
@@ -44,6 +43,7 @@ ROPE_TYPES = ("default", "linear", "llama3")  # fixed per-dimension frequencies:
 _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
+ALIGN = 32  # Q8_0 block; llama.cpp's fast CPU matmul (tinyBLAS) also needs inner sizes in multiples of 8
 SMOLLM2_VOCAB = 49152  # checked before reading the 93 MB embedded GGUF, so other vocabularies skip it
 
 
@@ -55,14 +55,22 @@ class GGUFExport:
     tokenizer: str  # where the tokenizer metadata came from
     tensors: int
     file_bytes: int
+    unaligned_widths: list[int]  # MLP widths that are not multiples of ALIGN (slower in llama.cpp, no Q8_0)
 
 
 @dataclass
 class _Tensor:
     name: str
-    shape: tuple[int, ...]
+    source: torch.Tensor
     qtype: gguf.GGMLQuantizationType
-    data: Callable[[], np.ndarray]  # float32, produced only when written (keeps one tensor in memory at a time)
+    rope_heads: int | None = None  # q/k rows to interleave per head for llama.cpp's rope
+
+    def data(self) -> np.ndarray:
+        """Converted only when written, so one tensor at a time is held twice."""
+        data = self.source.detach().float()
+        if self.rope_heads is not None:
+            data = permute_rope_rows(data, self.rope_heads)
+        return data.contiguous().numpy()
 
 
 def export_gguf(model: str | None, out: str | Path, *, outtype: str = "f16", force: bool = False) -> GGUFExport:
@@ -86,8 +94,9 @@ def export_gguf(model: str | None, out: str | Path, *, outtype: str = "f16", for
         _add_hparams(writer, hf_model, widths, arch, OUTTYPES[outtype][1], name=_model_name(model, config))
         source = _add_tokenizer(writer, tokenizer, hf_model.get_input_embeddings().weight.shape[0])
         for t in tensors:
-            nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(t.shape, t.qtype)))
-            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes, raw_dtype=t.qtype)
+            shape = tuple(t.source.shape)
+            nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(shape, t.qtype)))
+            writer.add_tensor_info(t.name, shape, np.dtype(np.float32), nbytes, raw_dtype=t.qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -98,7 +107,8 @@ def export_gguf(model: str | None, out: str | Path, *, outtype: str = "f16", for
     finally:
         writer.close()
         tmp.unlink(missing_ok=True)
-    return GGUFExport(out, gguf.MODEL_ARCH_NAMES[arch], outtype, source, len(tensors), out.stat().st_size)
+    unaligned = sorted({w["intermediate_size"] for w in widths if w["intermediate_size"] % ALIGN})
+    return GGUFExport(out, gguf.MODEL_ARCH_NAMES[arch], outtype, source, len(tensors), out.stat().st_size, unaligned)
 
 
 def choose_arch(family: str, widths: list[dict], config, *, pruned: bool) -> gguf.MODEL_ARCH:
@@ -182,30 +192,16 @@ def _tensors(model, widths: list[dict], arch: gguf.MODEL_ARCH, qtype: gguf.GGMLQ
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise UnsupportedModelError(f"no GGUF name for tensor {hf_name}")
-        prepare = _identity
+        rope_heads = None
         if interleave and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
             layer = widths[int(hf_name.split(".")[2])]
-            key = "num_attention_heads" if ".q_proj." in hf_name else "num_key_value_heads"
-            prepare = _rope_permutation(layer[key])
-        tensors.append(_Tensor(name, tuple(param.shape), _tensor_qtype(param, qtype),
-                               _loader(param, prepare)))
+            rope_heads = layer["num_attention_heads" if ".q_proj." in hf_name else "num_key_value_heads"]
+        tensors.append(_Tensor(name, param, _tensor_qtype(param, qtype), rope_heads))
     rope_factors = _rope_freq_factors(model)
     if rope_factors is not None:
-        tensors.append(_Tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", tuple(rope_factors.shape),
-                               gguf.GGMLQuantizationType.F32, lambda: rope_factors))
+        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        tensors.append(_Tensor(name, rope_factors, gguf.GGMLQuantizationType.F32))
     return tensors
-
-
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-def _rope_permutation(n_heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda t: permute_rope_rows(t, n_heads)
-
-
-def _loader(param: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], np.ndarray]:
-    return lambda: prepare(param.detach().float()).contiguous().numpy()
 
 
 def _tensor_qtype(param: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
@@ -213,11 +209,10 @@ def _tensor_qtype(param: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> gguf
     32-value blocks, which a pruned MLP width need not give, so such a matrix falls back to f16."""
     if param.dim() < 2:
         return gguf.GGMLQuantizationType.F32
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
-    return qtype if param.shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
+    return qtype if param.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0 else gguf.GGMLQuantizationType.F16
 
 
-def _rope_freq_factors(model) -> np.ndarray | None:
+def _rope_freq_factors(model) -> torch.Tensor | None:
     """llama.cpp's rope_freqs (per-dimension divisors of the base frequency) for linear and llama3 scaling."""
     if _rope_type(model.config) == "default":
         return None
@@ -225,7 +220,7 @@ def _rope_freq_factors(model) -> np.ndarray | None:
     dim = model.model.layers[0].self_attn.head_dim
     theta = float(model.config.rope_parameters["rope_theta"])
     base = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    return (base / rotary.inv_freq.double()).float().numpy()
+    return (base / rotary.inv_freq.double()).float()
 
 
 def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, n_vocab: int) -> str:

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..models import Adapter
 from ..models.surgery import add_bias
+from ..offload import editable
 from .plan import PruningPlan
 
 MODES = ("none", "bias", "lstsq")
@@ -63,31 +64,33 @@ def compensate(
     layers = adapter.layers()
     for index, keep in plan.layers.items():
         layer = layers[index]
-        for spec in adapter.group_specs(layer):
-            if spec.kind not in keep or len(keep[spec.kind]) == spec.count:
-                continue
-            linear: nn.Linear = layer.get_submodule(spec.gate_module)
-            removed = torch.ones(spec.count, dtype=torch.bool)
-            removed[keep[spec.kind]] = False
-            block = torch.arange(spec.gate_block)
-            cols_r = (removed.nonzero() * spec.gate_block + block).reshape(-1)
-            cols_k = ((~removed).nonzero() * spec.gate_block + block).reshape(-1)
-            total, second, tokens = moments[(index, spec.kind)]
-            mean, second = total / tokens, second / tokens
-            w_removed = linear.weight[:, cols_r].double().cpu()
-            if mode == "bias":
-                delta_w, bias = None, w_removed @ mean[cols_r]
-            else:
-                # Normal equations over [x_K; 1]: [A c] Gram = W_R E[x_R [x_K; 1]^T].
-                kept = torch.cat([cols_k, torch.tensor([second.shape[0]])])
-                augmented = torch.zeros(second.shape[0] + 1, second.shape[0] + 1, dtype=torch.float64)
-                augmented[:-1, :-1], augmented[:-1, -1], augmented[-1, :-1], augmented[-1, -1] = second, mean, mean, 1
-                gram = augmented[kept][:, kept]
-                gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)
-                cross = w_removed @ augmented[cols_r][:, kept]
-                solution = torch.linalg.solve(gram, cross.T).T
-                delta_w, bias = solution[:, :-1], solution[:, -1]
-            if delta_w is not None:
-                linear.weight[:, cols_k] += delta_w.to(linear.weight.dtype).to(linear.weight.device)
-            add_bias(linear)
-            linear.bias += bias.to(linear.bias.dtype).to(linear.bias.device)
+        with editable(layer):  # an offloaded layer is loaded, edited and offloaded again with its new weights
+            for spec in adapter.group_specs(layer):
+                if spec.kind not in keep or len(keep[spec.kind]) == spec.count:
+                    continue
+                linear: nn.Linear = layer.get_submodule(spec.gate_module)
+                removed = torch.ones(spec.count, dtype=torch.bool)
+                removed[keep[spec.kind]] = False
+                block = torch.arange(spec.gate_block)
+                cols_r = (removed.nonzero() * spec.gate_block + block).reshape(-1)
+                cols_k = ((~removed).nonzero() * spec.gate_block + block).reshape(-1)
+                total, second, tokens = moments[(index, spec.kind)]
+                mean, second = total / tokens, second / tokens
+                w_removed = linear.weight[:, cols_r].double().cpu()
+                if mode == "bias":
+                    delta_w, bias = None, w_removed @ mean[cols_r]
+                else:
+                    # Normal equations over [x_K; 1]: [A c] Gram = W_R E[x_R [x_K; 1]^T].
+                    kept = torch.cat([cols_k, torch.tensor([second.shape[0]])])
+                    augmented = torch.zeros(second.shape[0] + 1, second.shape[0] + 1, dtype=torch.float64)
+                    augmented[:-1, :-1], augmented[:-1, -1] = second, mean
+                    augmented[-1, :-1], augmented[-1, -1] = mean, 1
+                    gram = augmented[kept][:, kept]
+                    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)
+                    cross = w_removed @ augmented[cols_r][:, kept]
+                    solution = torch.linalg.solve(gram, cross.T).T
+                    delta_w, bias = solution[:, :-1], solution[:, -1]
+                if delta_w is not None:
+                    linear.weight[:, cols_k] += delta_w.to(linear.weight.dtype).to(linear.weight.device)
+                add_bias(linear)
+                linear.bias += bias.to(linear.bias.dtype).to(linear.bias.device)

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -10,11 +11,13 @@ from hywia.bench.speed import (
     benchmark_shape,
     ceiling,
     chunk_sizes,
+    compiled_twin,
     macs_per_token,
     measure,
     plan_variants,
     pruned_copy,
     render_markdown,
+    static_cache,
 )
 from hywia.models import adapter_for
 
@@ -95,6 +98,20 @@ def test_chunked_decode_continues_exactly_where_it_stopped(tiny_model_factory):
     assert chunk_sizes(128, 32) == [32] * 4 and chunk_sizes(3, 32) == [3]
 
 
+@pytest.mark.slow
+def test_static_compiled_decode_gives_the_plain_tokens(tiny_model_factory):
+    """torch.compile takes about a minute even on the tiny model."""
+    model = tiny_model_factory("llama", layers=2)
+    prompt = torch.tensor([[5], [7]])
+    plain, twin = Decoder(model, prompt), compiled_twin(model)
+    compiled = Decoder(twin, prompt, static_cache(twin, 1 + 6))
+    for tokens in chunk_sizes(6, 3):
+        plain.advance(tokens)
+        compiled.advance(tokens)
+    assert torch.equal(plain.ids, compiled.ids)
+    assert twin.lm_head.weight is model.lm_head.weight
+
+
 def test_measure_runs_one_repetition_and_returns_json_fields(tiny_model_factory):
     model = tiny_model_factory("llama", layers=2)
     models = {"dense": model, "50%": pruned_copy(model, Variant(0.5))}
@@ -148,3 +165,18 @@ def test_bench_speed_flag_dispatches_with_its_settings(tmp_path, monkeypatch, ca
     # the speed flags stay out of the command line a quality bench records
     args = build_parser().parse_args(["bench"])
     assert "--speed" not in _command_line(args)
+
+
+def test_empty_list_settings_round_trip_as_none():
+    import argparse
+
+    from hywia.bench.speed import add_speed_flags, command_line, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_speed_flags(parser)
+    parser.add_argument("--seed", type=int, default=0)
+    settings = settings_from_args(parser.parse_args(["--compile-shapes", "none"]))
+    assert settings.compile_shapes == [] and settings.compile_batch_sizes == [8]
+    command = command_line(["speed"], settings)
+    assert "--compile-shapes none" in command
+    assert settings_from_args(parser.parse_args(command.split()[1:])) == settings
