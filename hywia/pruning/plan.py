@@ -156,7 +156,7 @@ def allocate_global(
     candidates.sort(key=lambda c: c[0])
     removed = 0.0
     for _, cost, key, unit in candidates:
-        if removed + cost / 2 > target:
+        if removed + cost > target + 0.005 * total:
             continue  # would overshoot: a cheaper group further down the ranking may still fit
         keep[key] -= unit
         removed += cost
