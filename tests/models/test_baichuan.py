@@ -194,7 +194,7 @@ def test_prune_an_original_checkpoint_end_to_end(tmp_path, tiny_tokenizer):
     (tmp_path / "calib.txt").write_text("\n\n".join(
         f"Passage {i}: structured pruning removes whole heads and channels from every decoder layer." for i in range(8)
     ))
-    result = hywia.prune(str(tmp_path / "ckpt"), ratio=0.3, calib=tmp_path / "calib.txt", calib_samples=4,
+    result = hywia.prune(str(tmp_path / "ckpt"), ratio=0.3, allocation="uniform", calib=tmp_path / "calib.txt", calib_samples=4,
                          seq_len=16, layers="1:3", ppl_text=None, out=tmp_path / "out", progress=False)
     assert abs(result.report["ratio_achieved"] - 0.3) < 0.05
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
