@@ -190,6 +190,8 @@ def render_markdown(result: dict) -> str:
     goals = next(row["goals"] for row in result["summary"] if "goals" in row)
     lines += ["", "Goals (layerwise path, default size): " + "; ".join(
         f"{name}: {'met' if met else 'NOT met'}" for name, met in goals.items())]
+    if result.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in result["notes"]]
     return "\n".join(lines) + "\n"
 
 
