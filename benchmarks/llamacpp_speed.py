@@ -89,13 +89,15 @@ def render_markdown(record: dict) -> str:
         f"prompt {s['prompt_tokens']} tokens, {s['gen_tokens']} generated greedily, median of {s['repeats']} runs; "
         f"{record['machine']}. Base model: {record['base_model']}.",
         "",
-        "| model | params removed | GGUF arch | file MiB | prompt tok/s | speed-up | generation tok/s | speed-up |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | params removed | pruning | MLP widths aligned to 32 | GGUF arch | file MiB | prompt tok/s | "
+        "speed-up | generation tok/s | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     dense = record["rows"][0]
     for row in record["rows"]:
         lines.append(
-            f"| {row['label']} | {row['ratio']:.0%} | {row['arch']} | {row['file_mib']:.1f} | "
+            f"| {row['label']} | {row['ratio']:.0%} | {row['pruning']} | "
+            f"{'no' if row['unaligned_mlp_widths'] else 'yes'} | {row['arch']} | {row['file_mib']:.1f} | "
             f"{row['prompt_tps']:.0f} | {row['prompt_tps'] / dense['prompt_tps']:.2f}x | {row['gen_tps']:.1f} | "
             f"{row['gen_tps'] / dense['gen_tps']:.2f}x |"
         )
@@ -119,15 +121,17 @@ def main(argv: list[str] | None = None) -> int:
         print("llamacpp_speed.py: error: llama-cpp-python is not installed (pip install -r "
               "requirements-llamacpp.txt)", file=sys.stderr)
         return 2
-    models = [("dense", args.dense, 0.0)]
+    models = [("dense", args.dense, 0.0, "-")]
     for folder in args.pruned:
         report = json.loads((Path(folder) / "report.json").read_text())
-        models.append((Path(folder).name, folder, report["ratio_achieved"]))
+        how = (f"{report['criterion']}, {report.get('allocation', 'uniform')}, compensate "
+               f"{report.get('compensate', 'none')}, round-to {report.get('round_to', 1)}")
+        models.append((Path(folder).name, folder, report["ratio_achieved"], how))
     load_before = os.getloadavg()[0]
     try:
         with tempfile.TemporaryDirectory(prefix="hywia-llamacpp-") as work:
             exports = [export_gguf(model, Path(work) / f"{label}.gguf", outtype=args.outtype)
-                       for label, model, _ in models]
+                       for label, model, _, _ in models]
             speeds = measure(llama_cpp, [e.path for e in exports], args.prompt_tokens, args.gen_tokens, args.threads,
                              args.repeats)
     except HywiaError as exc:
@@ -140,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                    f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after",
         "base_model": describe(args.dense),
         "command": " ".join(["python", "benchmarks/llamacpp_speed.py", *(argv if argv is not None else sys.argv[1:])]),
-        "rows": [{"label": label, "model": str(model), "ratio": ratio, "arch": exported.arch,
-                  "file_mib": exported.file_bytes / 2**20, **speed}
-                 for (label, model, ratio), exported, speed in zip(models, exports, speeds)],
+        "rows": [{"label": label, "model": str(model), "ratio": ratio, "pruning": how, "arch": exported.arch,
+                  "unaligned_mlp_widths": exported.unaligned_widths, "file_mib": exported.file_bytes / 2**20, **speed}
+                 for (label, model, ratio, how), exported, speed in zip(models, exports, speeds)],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "llamacpp_speed.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -437,7 +437,8 @@ def render_markdown(record: dict, goal: float = 0.9) -> str:
             compile_seconds = shape["measurements"][name].get("compile_seconds")
             if compile_seconds:
                 lines += ["", f"{name}: compiling took {min(compile_seconds.values()):.0f}-"
-                              f"{max(compile_seconds.values()):.0f} s per model."]
+                              f"{max(compile_seconds.values()):.0f} s per model (torch reuses kernels an earlier run "
+                              "cached on disk: a first run compiles longer)."]
     after = ", ".join(f"{a:.1f}" for a in record["load_average_after"])
     lines += ["", f"Total wall time {record['seconds'] / 60:.1f} min; load average {after} at the end.", ""]
     return "\n".join(lines)

@@ -46,7 +46,8 @@ def save_model(model, tokenizer, out: Path, *, extra_json: dict[str, dict] | Non
     """Model (safetensors + config with per-layer widths), tokenizer and JSON side files, atomically."""
     with atomic_dir(Path(out), force=force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        if model.config.model_type in remote_code.MODEL_TYPES:  # only pruned classes have these types
+        # the class attribute: a config read from config.json keeps the family's model_type on the instance
+        if type(model.config).model_type in remote_code.MODEL_TYPES:  # only pruned classes have these types
             add_remote_code(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

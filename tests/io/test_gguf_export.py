@@ -163,6 +163,39 @@ def test_outtypes(tiny_model_factory, tiny_tokenizer, tmp_path, outtype, matrix_
     np.testing.assert_allclose(values, model.state_dict()["model.layers.1.mlp.up_proj.weight"], atol=0.01)
 
 
+def _pre_tokenizer(kind: str):
+    from tokenizers import Regex, pre_tokenizers
+
+    from hywia.io.gguf_export import _LLAMA3_REGEX, _QWEN2_REGEX
+
+    split = {"llama3": _LLAMA3_REGEX, "qwen2": _QWEN2_REGEX, "other": r"\p{L}+"}
+    if kind in split:
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split[kind]), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if kind == "smollm":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    return pre_tokenizers.ByteLevel(add_prefix_space=False)
+
+
+@pytest.mark.parametrize("kind, name", [("gpt2", "gpt-2"), ("smollm", "smollm"), ("llama3", "llama-bpe"),
+                                        ("qwen2", "qwen2"), ("other", None)])
+def test_pre_tokenizer_names(kind, name):
+    """tokenizer.json's pre-tokenizer, as the tokenizers library serialises it, maps to llama.cpp's name."""
+    from tokenizers import Tokenizer, models
+
+    from hywia.io.gguf_export import _pre_tokenizer_name
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = _pre_tokenizer(kind)
+    spec = json.loads(backend.to_str())["pre_tokenizer"]
+    if name is None:
+        with pytest.raises(UnsupportedModelError, match="pre-tokenizer"):
+            _pre_tokenizer_name(spec)
+    else:
+        assert _pre_tokenizer_name(spec) == name
+
+
 def test_refusals_and_atomic_output(tiny_model_factory, tiny_tokenizer, tmp_path, monkeypatch, capsys):
     folder = tmp_path / "model"
     save_model(_prune_layers(tiny_model_factory("llama"), layers=[1, 2]), tiny_tokenizer, folder)
