@@ -25,21 +25,24 @@ from hywia.importance import ScoringContext, collect_statistics, get_criterion
 from hywia.io import load_model
 from hywia.models import adapter_for
 from hywia.pruning import allocate_global, allocate_uniform, apply_plan, parse_layers, select
-from hywia.pruning.compensate import compensate, input_moments
+from hywia.pruning.compensate import compensate
 
+# The peers at their own recipes (LLM-Pruner's three criteria and Wanda-sp: uniform, no compensation; FLAP: global
+# allocation, bias compensation), then the fusion's ablation through hywia's own pipeline (global, lstsq).
 PEERS = ("taylor-element1/uniform/none,taylor-element2/uniform/none,taylor-vector/uniform/none,"
-         "flap/global/bias,wanda-sp/uniform/none")
+         "wanda-sp/uniform/none,flap/global/bias")
+ABLATION = "taylor-element1/global/lstsq,taylor-vector/global/lstsq,fixed:0.5/global/lstsq,flap/global/lstsq"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
     parser.add_argument("--ratios", default="0.2,0.5")
-    parser.add_argument("--variants", default=PEERS + ",taylor-element1/global/lstsq,hywia/global/lstsq",
+    parser.add_argument("--variants", default=f"{PEERS},{ABLATION},hywia/global/lstsq",
                         help="comma list of criterion/allocation/compensation")
     parser.add_argument("--texts", default="lambada,coqa")
-    parser.add_argument("--eval-tokens", type=int, default=2048)
-    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results/ablation")
@@ -65,15 +68,14 @@ def main() -> None:
             started = time.perf_counter()
             allocate = partial(allocate_global, adapter, layers, ratio) if allocation == "global" else None
             scorer = get_criterion(criterion)
-            ctx = ScoringContext(model, adapter, layers, specs, batches, keep, 0, stats, False, allocate)
+            ctx = ScoringContext(model, adapter, layers, specs, batches, keep, 0, stats, False, allocate, mode)
             with torch.random.fork_rng():
                 torch.manual_seed(0)
                 scores = scorer.score(ctx)
             plan = select(adapter, scores, allocate(scores) if allocate else keep)
             pruned = copy.deepcopy(model)
             if mode != "none":
-                pruned_adapter = adapter_for(pruned)
-                compensate(pruned_adapter, plan, input_moments(pruned, pruned_adapter, plan, batches), mode)
+                compensate(pruned, adapter_for(pruned), plan, batches, mode)
             apply_plan(pruned, plan)
             rows.append({
                 "ratio": ratio, "criterion": criterion, "allocation": allocation, "compensate": mode,

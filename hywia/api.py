@@ -22,7 +22,7 @@ from .io import check_output, describe, load_model, save_model
 from .models import adapter_for
 from .offload import check_placement, place
 from .pruning import PruningPlan, allocate_global, allocate_uniform, apply_plan, parse_layers, select
-from .pruning.compensate import MODES, compensate as compensate_removed, input_moments
+from .pruning.compensate import MODES, compensate as compensate_removed
 
 ALLOCATIONS = ("uniform", "global")
 
@@ -140,14 +140,15 @@ def prune(
             path=importance_path, store=activation_store,
         )
     specs = {i: adapter.group_specs(adapter.layers()[i]) for i in layer_indices}
-    ctx = ScoringContext(model, adapter, layer_indices, specs, batches, keep, seed, stats, progress, allocate)
+    ctx = ScoringContext(model, adapter, layer_indices, specs, batches, keep, seed, stats, progress, allocate,
+                         compensate)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         scores = scorer.score(ctx)
     del stats, ctx
     plan = select(adapter, scores, allocate(scores) if allocate else keep)
     if compensate != "none":
-        compensate_removed(adapter, plan, input_moments(model, adapter, plan, batches), compensate)
+        compensate_removed(model, adapter, plan, batches, compensate, progress=progress)
     apply_plan(model, plan)
 
     adapter = adapter_for(model, attention)

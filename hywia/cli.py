@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, required=True,
                    help="share of all decoder-layer parameters to remove, in (0, 1)")
     p.add_argument("--criterion", default="hywia",
-                   help="hywia | fixed:A | taylor-element1 | taylor-element2 | taylor-vector | wanda-sp | "
+                   help="hywia | fixed:A | taylor-element1 | taylor-element2 | taylor-vector | flap | wanda-sp | "
                         "magnitude | random")
     p.add_argument("--calib", default=None, help=".txt or .jsonl (field 'text'); default: LAMBADA passages")
     p.add_argument("--calib-samples", type=int, default=64)
@@ -111,6 +111,15 @@ def _add_bench_parser(commands) -> None:
                         "a LLaMA-7B-shaped stack, each speed-up against its MAC ceiling; takes the --speed-* "
                         "flags, --seed and --out-dir (speed.json, speed.md)")
     add_speed_flags(p, prefix="speed-")
+    p.add_argument("--cost", action="store_true",
+                   help="instead: what the importance step costs, memory-light (layerwise) path against the plain "
+                        "full backward, each in a fresh process: peak memory above the step's start (RSS; CUDA "
+                        "memory on a GPU) and seconds, at --calib-samples and at --cost-scale times as many; takes "
+                        "--model, --calib, --calib-samples, --seq-len, --dtype, --device, --seed and --out-dir "
+                        "(cost.json, cost.md)")
+    p.add_argument("--cost-scale", type=int, default=4, help="also measure at this multiple of --calib-samples")
+    p.add_argument("--cost-repeats", type=int, default=1, help="rounds at the default size (median seconds)")
+    p.add_argument("--cost-layers", default=None, help="layers whose statistics are taken, as A:B (default as prune)")
     p.set_defaults(run=_bench, command_parser=p)
 
 
@@ -132,8 +141,13 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    if args.speed and args.cost:
+        raise HywiaError("--speed and --cost are separate benchmarks: give one of them")
     if args.speed:
         _speed(args)
+        return
+    if args.cost:
+        _cost(args)
         return
     from .bench import run
     from .bench.run import parse_option
@@ -164,6 +178,21 @@ def _speed(args: argparse.Namespace) -> None:
                            extra=["--out-dir", args.out_dir])
     print(render_markdown(run_speed(settings, args.out_dir, command)))
     print(f"saved to {Path(args.out_dir) / 'speed.json'} and speed.md")
+
+
+def _cost(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .bench.cost import cost, render_markdown, write
+
+    if args.cost_scale < 1 or args.cost_repeats < 1 or args.calib_samples < 1:
+        raise HywiaError("--calib-samples, --cost-scale and --cost-repeats must be >= 1")
+    result = cost(args.model, samples=args.calib_samples, seq_len=args.seq_len, scale=args.cost_scale,
+                  layers=args.cost_layers, dtype=args.dtype, device=args.device, seed=args.seed, calib=args.calib,
+                  repeats=args.cost_repeats)
+    write(result, Path(args.out_dir))
+    print(render_markdown(result))
+    print(f"saved to {Path(args.out_dir) / 'cost.json'} and cost.md")
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -306,8 +335,9 @@ def print_summary(report: dict) -> None:
     if report.get("ppl_before") is not None:
         rows.append((f"perplexity ({report['ppl_text']['text']}, {report['ppl_text']['tokens']} tokens)",
                      f"{report['ppl_before']:.2f} -> {report['ppl_after']:.2f}"))
-    if report.get("fusion", {}).get("alpha_fine_mean") is not None:
-        rows.append(("learned blend, mean alpha_fine", f"{report['fusion']['alpha_fine_mean']:.3f}"))
+    if report.get("fusion", {}).get("alpha_mean"):
+        rows.append(("learned blend, mean alpha", ", ".join(
+            f"{view} {weight:.3f}" for view, weight in report["fusion"]["alpha_mean"].items())))
     rows += [("seconds", f"{report['seconds']:.1f}"), ("peak RSS (MB)", f"{report['peak_rss_mb']:.0f}")]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

@@ -2,7 +2,7 @@
 
 - widths: per layer, the attention heads and MLP channels each criterion kept, one row per ratio;
 - agreement: per layer, how far fine- and coarse-grained rankings agree (Spearman) on the dense model;
-- alpha: per layer, the blend weight of the fine-grained score that the learned fusion chose.
+- alpha: per layer, the weight the learned fusion gave each view (fine, coarse, fluctuation).
 """
 
 from __future__ import annotations
@@ -82,27 +82,26 @@ def plot_agreement(record: dict, path: Path) -> Path | None:
 
 
 def plot_alpha(record: dict, path: Path) -> Path | None:
-    """The learned alpha_fine per layer (mean over the layer's groups, band = one standard deviation), one line
-    per run of a learned-fusion criterion; None when no run learned a blend."""
+    """The learned blend per layer: each view's weight alpha (mean over the layer's groups), one panel per run of a
+    learned-fusion criterion and structure kind; None when no run learned a blend."""
     runs = [run for run in record["runs"] if run["report"].get("fusion", {}).get("per_layer")]
     if not runs:
         return None
     kinds = list(dict.fromkeys(r["kind"] for run in runs for r in run["report"]["fusion"]["per_layer"]))
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 4), squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        for run, marker in zip(runs, cycle(_MARKERS)):
+    fig, axes = plt.subplots(len(runs), len(kinds), figsize=(6.5 * len(kinds), 3.6 * len(runs)), squeeze=False)
+    for row, run in zip(axes, runs):
+        for ax, kind in zip(row, kinds):
             mine = [r for r in run["report"]["fusion"]["per_layer"] if r["kind"] == kind]
             layers = [r["layer"] for r in mine]
-            mean = [r["alpha_fine"] for r in mine]
-            std = [r.get("alpha_fine_std", 0.0) for r in mine]
-            line = ax.plot(layers, mean, marker=marker, markersize=4, label=f"{run['label']}, ratio {run['ratio']:g}")
-            ax.fill_between(layers, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                            color=line[0].get_color(), alpha=0.15)
-        ax.axhline(0.5, color="0.6", linewidth=0.8, linestyle=":", label="initial blend (0.5)")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"learned alpha_fine, {_KIND_NAMES.get(kind, kind)}")
-        ax.set_xlabel("layer")
-        ax.set_ylabel("alpha_fine (1 = fine-grained only)")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+            views = list(mine[0]["alpha"]) if mine else []
+            for view, marker in zip(views, cycle(_MARKERS)):
+                ax.plot(layers, [r["alpha"][view] for r in mine], marker=marker, markersize=4, label=view)
+            if views:
+                ax.axhline(1 / len(views), color="0.6", linewidth=0.8, linestyle=":", label="initial weight")
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title(f"{run['label']}, ratio {run['ratio']:g}: {_KIND_NAMES.get(kind, kind)}")
+            ax.set_xlabel("layer")
+            ax.set_ylabel("learned weight alpha")
+            ax.grid(alpha=0.3)
+        row[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(fig, path)

@@ -16,7 +16,7 @@ TASK_TITLES = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "wino
                "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
 _PLOT_TITLES = {"widths": "kept heads and MLP channels per layer",
                 "agreement": "fine- vs coarse-grained rank agreement per layer",
-                "alpha": "learned fusion weight alpha_fine per layer"}
+                "alpha": "learned fusion weight of each view per layer"}
 
 
 def shown_accuracy(row: dict) -> tuple[float, float | None]:

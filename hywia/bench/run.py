@@ -35,8 +35,14 @@ from ..pruning import parse_layers
 from .plots import plot_agreement, plot_alpha, plot_widths
 from .report import render_markdown, write_markdown
 
+# hywia's defaults; the single granularities and a fixed blend through the same pipeline (the fusion's ablation);
+# then each peer at its own published recipe: LLM-Pruner's three criteria (uniform, no compensation), FLAP (its
+# fluctuation metric, adaptive structure, bias compensation), Wanda-sp; and the data-free floors.
 DEFAULT_CRITERIA = (
-    "hywia", "taylor-element1", "taylor-element2", "taylor-vector", "fixed:0.5", "wanda-sp", "magnitude", "random",
+    "hywia", "taylor-element1", "taylor-vector", "fixed:0.5",
+    "taylor-element1@allocation=uniform@compensate=none", "taylor-element2@allocation=uniform@compensate=none",
+    "taylor-vector@allocation=uniform@compensate=none", "flap@compensate=bias",
+    "wanda-sp@allocation=uniform@compensate=none", "magnitude", "random",
 )
 DEFAULT_LIMIT = 100
 

@@ -34,12 +34,13 @@ class ScoringContext:
     stats: Statistics | None = None
     progress: bool = True
     allocate: Callable[[dict[LayerKind, torch.Tensor]], dict[LayerKind, int]] | None = None
+    compensate: str = "none"  # what surgery will put in place of a removed group's output (see pruning.compensate)
 
-    def param(self, layer: int, s: TensorSlice) -> torch.Tensor:
-        """A weight as float; the layer's weights are loaded for the call when accelerate offloads them."""
+    def param(self, layer: int, name: str) -> torch.Tensor:
+        """A weight of the layer (name relative to it) as float; loaded for the call when accelerate offloads it."""
         module = self.model.get_submodule(self.adapter.layer_name(layer))
         with resident(module):
-            return module.get_parameter(s.param).detach().float()
+            return module.get_parameter(name).detach().float()
 
     def full_name(self, layer: int, s: TensorSlice) -> str:
         return f"{self.adapter.layer_name(layer)}.{s.param}"

@@ -24,6 +24,6 @@ class MagnitudeCriterion(Criterion):
     def score(self, ctx: ScoringContext) -> dict[LayerKind, torch.Tensor]:
         scores = {}
         for layer, spec in ctx.items():
-            squares = sum(blocks(ctx.param(layer, s), s, spec.count).square().sum(1).double() for s in spec.slices)
+            squares = sum(blocks(ctx.param(layer, s.param), s, spec.count).square().sum(1).double() for s in spec.slices)
             scores[(layer, spec.kind)] = squares.sqrt()
         return scores

@@ -1,16 +1,24 @@
-"""HyWIA: fine- and coarse-grained Taylor importance blended per group by a learned attention.
+"""HyWIA: fine- and coarse-grained importance blended per group by a learned attention.
 
-For every group two tokens are built, one per granularity, from features of that view (log of the normalised
-score, its rank in the layer, the layer's dispersion of that score); a query comes from the context (depth,
-structure kind, how far the two rankings agree in this layer). alpha = softmax(q.k / sqrt(d)) over the two
-tokens and I = alpha_fine * F + alpha_coarse * C. The few attention parameters are learned end to end with the
+Every group is seen three ways: fine-grained, from its individual weights (sum of |g*W|, LLM-Pruner's element
+criterion); coarse-grained, as a whole, by the loss (sum over its tensor slices of |sum of g*W|, the vector
+criterion); and coarse-grained by what its output carries beyond its mean (the fluctuation of the output
+projection's input channels times their columns' squared norms, FLAP's metric), which is what a removal costs once
+compensation puts the mean back. For every group one token per view is built from that view's features (log of the
+normalised score, its rank in the layer, the layer's dispersion of that score); a query comes from the context
+(depth, structure kind, how far the views' rankings agree in this layer). alpha = softmax(q.k / sqrt(d)) over the
+tokens and I = sum over views of alpha_v * score_v. The few attention parameters are learned end to end with the
 model frozen: I drives soft gates sigmoid((I - tau) / T) on head outputs and MLP channels at the target ratio
 (tau = the ratio's quantile of I in that layer and kind, T annealed towards 0), minimising the LM loss on the
-calibration windows. The attention starts at alpha = (1/2, 1/2).
+calibration windows; a gated-off channel is replaced by its mean when the pruning compensates (as the surgery
+will), by zero when it does not. The attention starts at equal weights.
 
 With a global allocation the soft mask sees it: one threshold over all pruned layers on log(I) + log(scale)
-- log(parameters per group), where each (layer, kind)'s scale starts at its mean raw saliency and is learned
-with the blend, so the end-to-end objective also decides how much each layer gives up.
+- log(parameters per group), where each (layer, kind)'s scale starts at its mean raw fine-grained saliency and
+is learned with the blend, so the end-to-end objective also decides how much each layer gives up.
+
+The third view is this project's addition to the paper's two (HYWIA.md): with least-squares compensation, ranking
+by the loss-based views alone kept far worse groups at 50% (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -25,10 +33,12 @@ from tqdm.auto import tqdm
 from ..errors import InvalidRequestError
 from .base import Criterion, LayerKind, ScoringContext, normalise, register_criterion
 from .collect import lm_loss
+from .flap import fluctuation_scores
 from .taylor import taylor_scores
 
 FINE_ORDER = 1
 COARSE_ORDER = 1
+VIEWS = ("fine", "coarse", "fluctuation")
 
 
 def granularities(
@@ -81,24 +91,25 @@ def _token_features(score: torch.Tensor) -> torch.Tensor:
 
 
 class FusionAttention(nn.Module):
-    """Two tokens per group (fine, coarse) attended by one context query; returns alpha [n, 2]."""
+    """One token per view of each group, attended by one context query; returns alpha [n, views]."""
 
-    def __init__(self, n_features: int = 3, n_context: int = 4, dim: int = 8, seed: int = 0) -> None:
+    def __init__(self, n_views: int = len(VIEWS), n_features: int = 3, n_context: int = 5, dim: int = 8,
+                 seed: int = 0) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.dim = dim
         self.key = nn.Linear(n_features, dim, dtype=torch.float64)
-        self.granularity = nn.Parameter(torch.zeros(2, dim, dtype=torch.float64))
+        self.view = nn.Parameter(torch.zeros(n_views, dim, dtype=torch.float64))
         self.query = nn.Linear(n_context, dim, dtype=torch.float64)
         with torch.no_grad():
-            # Zero keys give alpha = (1/2, 1/2); a non-zero query lets the keys' gradients flow from step one.
+            # Zero keys give equal weights; a non-zero query lets the keys' gradients flow from step one.
             self.key.weight.zero_()
             self.key.bias.zero_()
             self.query.weight.copy_(torch.randn(dim, n_context, generator=generator, dtype=torch.float64) * 0.5)
             self.query.bias.copy_(torch.randn(dim, generator=generator, dtype=torch.float64) * 0.5)
 
-    def forward(self, fine: torch.Tensor, coarse: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        keys = torch.stack([self.key(fine) + self.granularity[0], self.key(coarse) + self.granularity[1]], 1)
+    def forward(self, tokens: list[torch.Tensor], context: torch.Tensor) -> torch.Tensor:
+        keys = torch.stack([self.key(features) + self.view[i] for i, features in enumerate(tokens)], 1)
         logits = keys @ self.query(context) / math.sqrt(self.dim)
         return logits.softmax(-1)
 
@@ -108,6 +119,7 @@ class HywiaFusion(Criterion):
     """The learned fusion (see module docstring)."""
 
     needs_gradients = True
+    needs_activations = True
 
     def __init__(
         self,
@@ -125,13 +137,16 @@ class HywiaFusion(Criterion):
 
     def score(self, ctx: ScoringContext) -> dict[LayerKind, torch.Tensor]:
         fine, coarse, scale = granularities(ctx)
+        views = {"fine": fine, "coarse": coarse, "fluctuation": normalise(fluctuation_scores(ctx))}
         keys = list(fine)
         n_layers = len(ctx.adapter.layers())
-        tokens = {k: (_token_features(fine[k]), _token_features(coarse[k])) for k in keys}
+        tokens = {k: [_token_features(views[v][k]) for v in VIEWS] for k in keys}
         agreement = {k: spearman(fine[k], coarse[k]) for k in keys}
+        fluctuation_agreement = {k: spearman(fine[k], views["fluctuation"][k]) for k in keys}
         context = {
             k: torch.tensor(
-                [k[0] / max(n_layers - 1, 1), float(k[1] != "mlp"), float(k[1] == "mlp"), agreement[k]],
+                [k[0] / max(n_layers - 1, 1), float(k[1] != "mlp"), float(k[1] == "mlp"), agreement[k],
+                 fluctuation_agreement[k]],
                 dtype=torch.float64,
             )
             for k in keys
@@ -143,23 +158,22 @@ class HywiaFusion(Criterion):
         initial_log_scale = log_scale.detach().clone()
 
         def blend() -> tuple[dict[LayerKind, torch.Tensor], dict[LayerKind, torch.Tensor]]:
-            alphas = {k: attention(*tokens[k], context[k]) for k in keys}
-            return {k: alphas[k][:, 0] * fine[k] + alphas[k][:, 1] * coarse[k] for k in keys}, alphas
+            alphas = {k: attention(tokens[k], context[k]) for k in keys}
+            return {k: sum(alphas[k][:, i] * views[v][k] for i, v in enumerate(VIEWS)) for k in keys}, alphas
 
         if ctx.allocate is None:
             losses = self._learn_uniform(ctx, attention, blend) if self.steps else []
         else:
             # The soft mask sees the global allocation: one threshold over all layers, on score per parameter.
-            keep = ctx.allocate({k: 0.5 * (fine[k] + coarse[k]) * scale[k] for k in keys})
+            keep = ctx.allocate({k: sum(views[v][k] for v in VIEWS) / len(VIEWS) * scale[k] for k in keys})
             losses = self._learn_global(ctx, attention, blend, log_scale, keys, keep) if self.steps else []
         with torch.no_grad():
             scores, alphas = blend()
         learned_log_scale = log_scale.detach()
         self._summary = {
-            "alpha_fine_mean": float(torch.cat([a[:, 0] for a in alphas.values()]).mean()),
+            "alpha_mean": {v: float(torch.cat([a[:, i] for a in alphas.values()]).mean()) for i, v in enumerate(VIEWS)},
             "per_layer": [
-                {"layer": k[0], "kind": k[1], "alpha_fine": float(alphas[k][:, 0].mean()),
-                 "alpha_fine_std": float(alphas[k][:, 0].std()) if alphas[k].shape[0] > 1 else 0.0,
+                {"layer": k[0], "kind": k[1], "alpha": {v: float(alphas[k][:, j].mean()) for j, v in enumerate(VIEWS)},
                  "rank_agreement": agreement[k],
                  "log_scale_learned_shift": float(learned_log_scale[i] - initial_log_scale[i])}
                 for i, k in enumerate(keys)
@@ -221,7 +235,7 @@ class HywiaFusion(Criterion):
         t_start, t_end = temperature
         losses = []
         gates: dict[LayerKind, torch.Tensor] = {}
-        with _frozen(ctx.model), _gated(ctx, specs, gates):
+        with _frozen(ctx.model), _gated(ctx, specs, gates, _replacements(ctx, specs)):
             for step in tqdm(range(self.steps), desc="fusion", disable=not ctx.progress, leave=False):
                 t = t_start * (t_end / t_start) ** (step / max(self.steps - 1, 1))
                 gates.clear()
@@ -251,9 +265,19 @@ def _frozen(model: nn.Module):
         model.train(was_training)
 
 
+def _replacements(ctx: ScoringContext, specs: dict) -> dict[LayerKind, torch.Tensor] | None:
+    """What a gated-off channel is replaced by: its calibration mean where the surgery compensates, else zero."""
+    if ctx.compensate == "none":
+        return None
+    return {key: ctx.stats.act_sum[f"{ctx.adapter.layer_name(key[0])}.{spec.gate_module}.weight"] / ctx.stats.tokens
+            for key, spec in specs.items()}
+
+
 @contextmanager
-def _gated(ctx: ScoringContext, specs: dict, gates: dict[LayerKind, torch.Tensor]):
-    """Multiply each group's contribution (the input of its output projection) by its current gate."""
+def _gated(ctx: ScoringContext, specs: dict, gates: dict[LayerKind, torch.Tensor],
+           means: dict[LayerKind, torch.Tensor] | None):
+    """Each group's contribution (the input of its output projection) passes by its current gate; the rest of the
+    way it is replaced by its mean (`means`) or by zero."""
     hooks = []
     for (layer, kind), spec in specs.items():
         module = ctx.model.get_submodule(f"{ctx.adapter.layer_name(layer)}.{spec.gate_module}")
@@ -262,7 +286,11 @@ def _gated(ctx: ScoringContext, specs: dict, gates: dict[LayerKind, torch.Tensor
             gate = gates.get(key)
             if gate is None:
                 return None
-            return (args[0] * gate.repeat_interleave(block),) + tuple(args[1:])
+            gate = gate.repeat_interleave(block)
+            gated = args[0] * gate
+            if means is not None:
+                gated = gated + (1 - gate) * means[key].to(gated.device, gated.dtype)
+            return (gated,) + tuple(args[1:])
 
         hooks.append(module.register_forward_pre_hook(hook))
     try:

@@ -103,18 +103,18 @@ class ActivationStore:
 
 
 @dataclass
-class _Call:
+class LayerCall:
     """How the model called a decoder layer for one sample, minus the hidden states."""
 
     args: tuple
     kwargs: dict
     positional: bool
 
-    def sharing(self, previous: "_Call") -> "_Call":
+    def sharing(self, previous: "LayerCall") -> "LayerCall":
         """This call, holding `previous`'s tensors wherever they are equal: windows of one length share their
         positions and mask, so the stored calls stay one sample's worth however many samples there are."""
         kwargs = {k: _reuse(v, previous.kwargs.get(k)) for k, v in self.kwargs.items()}
-        return _Call(_reuse(self.args, previous.args), kwargs, self.positional)
+        return LayerCall(_reuse(self.args, previous.args), kwargs, self.positional)
 
     def run(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         if self.positional:
@@ -161,7 +161,7 @@ def layerwise_gradients(
     bar = tqdm(total=len(batches) * (high - low + 3), desc="calibration", disable=not progress, leave=False)
     try:
         prefixes = [adapter.layer_name(i) + "." for i in layer_indices] if activations else []
-        calls, arity = _forward(model, layers, low, high, batches, acts, stats, prefixes, bar)
+        calls, arity = capture_layer_inputs(model, layers, low, high, batches, acts, stats, prefixes, bar)
         _top(model, layers, high, batches, acts, stats, arity, bar)
         _release_freed_memory()
         for index in range(high, low - 1, -1):
@@ -177,7 +177,7 @@ def layerwise_gradients(
     return stats
 
 
-def _forward(
+def capture_layer_inputs(
     model: nn.Module,
     layers: list[nn.Module],
     low: int,
@@ -186,19 +186,22 @@ def _forward(
     acts: ActivationStore,
     stats: Statistics,
     prefixes: list[str],
-    bar: tqdm,
-) -> tuple[dict[int, list[_Call]], int]:
-    """Step 1: store each pruned layer's input and call, and the last one's output (key high + 1).
+    bar: tqdm | None = None,
+    input_layers: set[int] | None = None,
+) -> tuple[dict[int, list[LayerCall]], int]:
+    """Step 1: store the input of each layer low..high (of `input_layers` only, when given) and every call of
+    them, and the last one's output (key high + 1).
 
     Returns the calls and the arity of a layer's output (0: a tensor; n: a tuple of n, hidden states first).
     """
-    calls: dict[int, list[_Call]] = {index: [] for index in range(low, high + 1)}
+    calls: dict[int, list[LayerCall]] = {index: [] for index in range(low, high + 1)}
     state = {"sample": 0, "arity": 0}
 
     def before(module: nn.Module, args: tuple, kwargs: dict, index: int) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
-        acts.put(index, state["sample"], hidden)
-        call = _Call(tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}, bool(args))
+        if input_layers is None or index in input_layers:
+            acts.put(index, state["sample"], hidden)
+        call = LayerCall(tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}, bool(args))
         calls[index].append(call.sharing(calls[index][-1]) if calls[index] else call)
 
     def after(module: nn.Module, args: tuple, output) -> None:
@@ -220,7 +223,8 @@ def _forward(
                     pass
                 stats.tokens += ids.numel()
                 stats.samples += 1
-                bar.update()
+                if bar is not None:
+                    bar.update()
     finally:
         for handle in handles:
             handle.remove()
@@ -307,7 +311,7 @@ def _layer(
     name: str,
     index: int,
     specs: list[GroupSpec],
-    calls: list[_Call],
+    calls: list[LayerCall],
     acts: ActivationStore,
     *,
     input_grad: bool,

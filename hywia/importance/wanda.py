@@ -16,6 +16,6 @@ class WandaSP(Criterion):
             if not s.param.endswith("weight"):
                 return None
             name = ctx.full_name(layer, s)
-            return ctx.param(layer, s).abs() * ctx.stats.act_sq[name].sqrt()[None, :]
+            return ctx.param(layer, s.param).abs() * ctx.stats.act_sq[name].sqrt()[None, :]
 
         return reduce_groups(ctx, per_weight, "fine")

@@ -1,96 +1,171 @@
 """Compensation: let the kept groups and a bias stand in for what the removed groups wrote.
 
 A group's contribution enters the residual stream through its output projection (o_proj for heads, down_proj
-for MLP channels: the spec's `gate_module`), as W[:, R] x_R. Over the calibration tokens,
+for MLP channels: the spec's `gate_module`), as W[:, R] x_R. Layers are visited in order over the calibration
+windows, each seeing the inputs of the model as pruned so far (every layer below already pruned and compensated,
+the removed groups of its own attention masked when its MLP is fitted), as FLAP computes its statistics:
+
 - `bias` (FLAP): add W[:, R] E[x_R] as a bias, so the output keeps its mean;
-- `lstsq`: refit the kept columns and a bias by least squares, W[:, R] x_R ~ A x_K + c, from the input's first
-  and second moments (ridge-regularised), so the layer's output moves least. `bias` is the special case A = 0.
-Both act on the dense weights before surgery, so a plan applied as a mask or physically still agrees.
+- `lstsq`: refit the kept columns and a bias by least squares, W[:, R] x_R ~ A x_K + c (ridge-regularised), so
+  the layer's output moves least. `bias` is the special case A = 0.
+
+Only one layer's moments exist at a time. Fitting towards the dense model's outputs instead (so each layer would
+also undo the drift of the layers below) was measured and is worse: BENCHMARKS.md. Both modes act on the dense
+weights before surgery, so a plan applied as a mask or physically still agrees.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from ..models import Adapter
+from ..importance.layerwise import ActivationStore, capture_layer_inputs
+from ..importance.statistics import Statistics
+from ..models import Adapter, GroupSpec
 from ..models.surgery import add_bias
-from ..offload import editable
+from ..offload import editable, execution_device, resident
 from .plan import PruningPlan
 
 MODES = ("none", "bias", "lstsq")
 
 
-@torch.no_grad()
-def input_moments(
-    model: nn.Module, adapter: Adapter, plan: PruningPlan, batches: torch.Tensor, batch_size: int = 8
-) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, int]]:
-    """(sum of x, sum of x x^T, tokens) of each pruned output projection's input, in float64 on the CPU."""
-    layers = adapter.layers()
-    moments: dict[tuple[int, str], list] = {}
-    hooks = []
-    for index in plan.layers:
-        for spec in adapter.group_specs(layers[index]):
-            key = (index, spec.kind)
-            moments[key] = [0.0, 0.0, 0]
+class ProjectionMoments:
+    """Sums over calibration tokens for one output projection, in float64 on the CPU: `gram` of z z^T with
+    z = [x_K; 1], `cross` of (W_R x_R) z^T, and `removed_sum` of x_R."""
 
-            def hook(module, args, key=key):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double().cpu()
-                entry = moments[key]
-                entry[0] = entry[0] + x.sum(0)
-                entry[1] = entry[1] + x.T @ x
-                entry[2] += x.shape[0]
+    def __init__(self, weight: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor) -> None:
+        self.weight_removed = weight.detach()[:, removed].double().cpu()
+        self.kept, self.removed = kept, removed
+        size = kept.numel() + 1
+        self.gram = torch.zeros(size, size, dtype=torch.float64)
+        self.cross = torch.zeros(weight.shape[0], size, dtype=torch.float64)
+        self.removed_sum = torch.zeros(removed.numel(), dtype=torch.float64)
+        self.tokens = 0
 
-            hooks.append(layers[index].get_submodule(spec.gate_module).register_forward_pre_hook(hook))
-    device = next(model.parameters()).device
+    def add(self, inputs: torch.Tensor) -> None:
+        x = inputs.reshape(-1, inputs.shape[-1]).double().cpu()
+        z = torch.cat([x[:, self.kept], torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+        self.gram += z.T @ z
+        self.cross += (x[:, self.removed] @ self.weight_removed.T).T @ z
+        self.removed_sum += x[:, self.removed].sum(0)
+        self.tokens += x.shape[0]
+
+    def solve(self, mode: str, ridge: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(change of the kept columns or None, bias to add)."""
+        if mode == "bias":
+            return None, self.weight_removed @ (self.removed_sum / self.tokens)
+        gram = self.gram / self.tokens
+        gram = gram + ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)
+        solution = torch.linalg.solve(gram, (self.cross / self.tokens).T).T
+        return solution[:, :-1], solution[:, -1]
+
+
+def _columns(spec: GroupSpec, kept_groups: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input columns of the output projection that the kept and the removed groups feed."""
+    removed = torch.ones(spec.count, dtype=torch.bool)
+    removed[kept_groups] = False
+    block = torch.arange(spec.gate_block)
+    kept_cols = ((~removed).nonzero() * spec.gate_block + block).reshape(-1)
+    removed_cols = (removed.nonzero() * spec.gate_block + block).reshape(-1)
+    return kept_cols, removed_cols
+
+
+@contextmanager
+def _masked_inputs(layer: nn.Module, specs: list[GroupSpec], masks: dict[str, torch.Tensor],
+                   seen: dict[str, torch.Tensor]) -> Iterator[None]:
+    """While the block runs, record each output projection's input in `seen` and zero the input columns of its
+    removed groups (the same output as the physically pruned layer)."""
+
+    def hook(module, args, name):
+        seen[name] = args[0].detach()
+        return (args[0] * masks[name].to(args[0].device, args[0].dtype),) + tuple(args[1:])
+
+    handles = [layer.get_submodule(s.gate_module).register_forward_pre_hook(
+        lambda module, args, name=s.gate_module: hook(module, args, name)) for s in specs]
     try:
-        for start in range(0, batches.shape[0], batch_size):
-            model(input_ids=batches[start : start + batch_size].to(device), use_cache=False)
+        yield
     finally:
-        for handle in hooks:
+        for handle in handles:
             handle.remove()
-    return {key: (entry[0], entry[1], entry[2]) for key, entry in moments.items()}
 
 
 @torch.no_grad()
 def compensate(
+    model: nn.Module,
     adapter: Adapter,
     plan: PruningPlan,
-    moments: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, int]],
+    batches: torch.Tensor,
     mode: str,
     ridge: float = 1e-2,
+    progress: bool = False,
 ) -> None:
-    """Fold the removed groups' expected contribution into the kept columns and/or a bias, in place."""
+    """Fold the removed groups' contribution into the kept columns and/or a bias of every pruned layer, in place
+    (module docstring), layer by layer over the calibration `batches`."""
+    if mode == "none" or not plan.layers:
+        return
     layers = adapter.layers()
-    for index, keep in plan.layers.items():
-        layer = layers[index]
-        with editable(layer):  # an offloaded layer is loaded, edited and offloaded again with its new weights
-            for spec in adapter.group_specs(layer):
-                if spec.kind not in keep or len(keep[spec.kind]) == spec.count:
-                    continue
-                linear: nn.Linear = layer.get_submodule(spec.gate_module)
-                removed = torch.ones(spec.count, dtype=torch.bool)
-                removed[keep[spec.kind]] = False
-                block = torch.arange(spec.gate_block)
-                cols_r = (removed.nonzero() * spec.gate_block + block).reshape(-1)
-                cols_k = ((~removed).nonzero() * spec.gate_block + block).reshape(-1)
-                total, second, tokens = moments[(index, spec.kind)]
-                mean, second = total / tokens, second / tokens
-                w_removed = linear.weight[:, cols_r].double().cpu()
-                if mode == "bias":
-                    delta_w, bias = None, w_removed @ mean[cols_r]
-                else:
-                    # Normal equations over [x_K; 1]: [A c] Gram = W_R E[x_R [x_K; 1]^T].
-                    kept = torch.cat([cols_k, torch.tensor([second.shape[0]])])
-                    augmented = torch.zeros(second.shape[0] + 1, second.shape[0] + 1, dtype=torch.float64)
-                    augmented[:-1, :-1], augmented[:-1, -1] = second, mean
-                    augmented[-1, :-1], augmented[-1, -1] = mean, 1
-                    gram = augmented[kept][:, kept]
-                    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)
-                    cross = w_removed @ augmented[cols_r][:, kept]
-                    solution = torch.linalg.solve(gram, cross.T).T
-                    delta_w, bias = solution[:, :-1], solution[:, -1]
-                if delta_w is not None:
-                    linear.weight[:, cols_k] += delta_w.to(linear.weight.dtype).to(linear.weight.device)
-                add_bias(linear)
-                linear.bias += bias.to(linear.bias.dtype).to(linear.bias.device)
+    low, high = min(plan.layers), max(plan.layers)
+    acts = ActivationStore(on_disk=False)
+    try:
+        calls, _ = capture_layer_inputs(model, layers, low, high, batches, acts, Statistics(), [],
+                                        input_layers={low})
+        hidden = [acts.get(low, sample, torch.device("cpu")) for sample in range(len(batches))]
+    finally:
+        acts.close()
+    for index in tqdm(range(low, high + 1), desc="compensation", disable=not progress, leave=False):
+        layer, keep = layers[index], plan.layers.get(index, {})
+        specs = [s for s in adapter.group_specs(layer) if s.kind in keep and len(keep[s.kind]) < s.count]
+        with editable(layer) if specs else resident(layer):
+            _compensate_layer(layer, specs, keep, calls[index], hidden, mode, ridge)
+
+
+def _compensate_layer(layer: nn.Module, specs: list[GroupSpec], keep: dict[str, list[int]], calls: list,
+                      hidden: list[torch.Tensor], mode: str, ridge: float) -> None:
+    """One layer: each output projection, in forward order, fitted on the inputs the pruned model gives it; then
+    the hidden states are advanced to the pruned layer's output in place."""
+    device = execution_device(layer)
+    columns = {s.gate_module: _columns(s, keep[s.kind]) for s in specs}
+    masks = {}
+    for s in specs:
+        width = layer.get_submodule(s.gate_module).in_features
+        masks[s.gate_module] = torch.zeros(width).index_fill_(0, columns[s.gate_module][0], 1.0)
+    for s in specs:
+        linear: nn.Linear = layer.get_submodule(s.gate_module)
+        moments = ProjectionMoments(linear.weight, *columns[s.gate_module])
+        for sample, call in enumerate(calls):
+            seen: dict[str, torch.Tensor] = {}
+            with _masked_inputs(layer, specs, masks, seen):
+                _run_until(layer, call, hidden[sample].to(device), linear)
+            moments.add(seen[s.gate_module])
+        delta, bias = moments.solve(mode, ridge)
+        if delta is not None:
+            kept = columns[s.gate_module][0].to(linear.weight.device)
+            linear.weight[:, kept] += delta.to(linear.weight.device, linear.weight.dtype)
+        add_bias(linear)
+        linear.bias += bias.to(linear.bias.device, linear.bias.dtype)
+    with _masked_inputs(layer, specs, masks, {}):
+        for sample, call in enumerate(calls):
+            hidden[sample] = call.run(layer, hidden[sample].to(device)).cpu()
+
+
+class _Reached(Exception):
+    """Ends a layer's forward once the projection being fitted has seen its input."""
+
+
+def _run_until(layer: nn.Module, call, hidden: torch.Tensor, module: nn.Module) -> None:
+    """Run the layer only as far as `module`'s input (what comes after it is not needed for its fit)."""
+
+    def stop(*_):
+        raise _Reached
+
+    handle = module.register_forward_hook(stop)
+    try:
+        call.run(layer, hidden)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()

@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from hywia.importance import ScoringContext, available_criteria, collect_statistics, get_criterion
-from hywia.importance.fusion import FusionAttention, HywiaFusion
+from hywia.importance.base import normalise
+from hywia.importance.flap import fluctuation_scores
+from hywia.importance.fusion import VIEWS, FusionAttention, HywiaFusion, granularities
 from hywia.errors import InvalidRequestError
 from hywia.models import adapter_for
 from hywia.pruning import allocate_uniform, select
@@ -74,7 +76,7 @@ def test_fine_and_coarse_follow_their_definitions(tiny_model_factory):
     layer, spec = next(iter(ctx.items()))
     s = spec.slices[0]
     name = ctx.full_name(layer, s)
-    saliency = (ctx.stats.grad[name] * ctx.param(layer, s)).movedim(s.dim, 0).reshape(spec.count, -1)
+    saliency = (ctx.stats.grad[name] * ctx.param(layer, s.param)).movedim(s.dim, 0).reshape(spec.count, -1)
     assert (fine[(layer, spec.kind)] >= coarse[(layer, spec.kind)] - 1e-12).all()  # triangle inequality
     assert fine[(layer, spec.kind)][0] >= saliency[0].abs().sum()
 
@@ -87,21 +89,44 @@ def test_fixed_blend_endpoints_are_the_granularities(tiny_model_factory):
         torch.testing.assert_close(fine[key], element[key])
 
 
-def test_fusion_starts_at_half_half_and_learns(tiny_model_factory):
+def test_fusion_starts_at_equal_weights_and_learns(tiny_model_factory):
     attention = FusionAttention(seed=0)
-    alpha = attention(torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64),
-                      torch.randn(4, dtype=torch.float64))
-    torch.testing.assert_close(alpha, torch.full((5, 2), 0.5, dtype=torch.float64))
+    alpha = attention([torch.randn(5, 3, dtype=torch.float64) for _ in VIEWS], torch.randn(5, dtype=torch.float64))
+    torch.testing.assert_close(alpha, torch.full((5, len(VIEWS)), 1 / len(VIEWS), dtype=torch.float64))
     ctx = _context(tiny_model_factory("llama"))
     untrained = HywiaFusion(steps=0).score(ctx)
-    half = get_criterion("fixed:0.5").score(ctx)
-    for key in half:
-        torch.testing.assert_close(untrained[key], half[key])
+    fine, coarse, scale = granularities(ctx)
+    fluctuation = normalise(fluctuation_scores(ctx))
+    for key in fine:
+        torch.testing.assert_close(untrained[key], (fine[key] + coarse[key] + fluctuation[key]) / 3 * scale[key])
     learned = HywiaFusion(steps=5, batch_size=2)
     learned.score(ctx)
     summary = learned.summary()
-    assert summary["steps"] == 5 and summary["alpha_fine_mean"] != 0.5
+    assert summary["steps"] == 5 and summary["alpha_mean"]["fine"] != pytest.approx(1 / 3, abs=1e-6)
+    assert sum(summary["alpha_mean"].values()) == pytest.approx(1.0)
     assert all(p.requires_grad for p in ctx.model.parameters())
+
+
+@pytest.mark.parametrize("compensate", ["none", "lstsq"])
+def test_soft_gates_replace_a_closed_group_as_the_surgery_will(tiny_model_factory, compensate):
+    """A closed gate zeroes the group's channels without compensation, and puts their calibration mean back with it."""
+    from hywia.importance.fusion import _gated, _replacements
+
+    ctx = _context(tiny_model_factory("llama"))
+    ctx.compensate = compensate
+    specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
+    key = (1, "mlp")
+    gates = {key: torch.ones(specs[key].count)}
+    gates[key][:3] = 0.0
+    seen = []
+    with _gated(ctx, specs, gates, _replacements(ctx, specs)), torch.no_grad():
+        handle = ctx.model.model.layers[1].mlp.down_proj.register_forward_pre_hook(  # runs after the gate's hook
+            lambda m, args: seen.append(args[0]))
+        ctx.model(input_ids=ctx.batches[:1])
+    handle.remove()
+    closed = seen[0][0, :, :3]
+    mean = ctx.stats.act_sum["model.layers.1.mlp.down_proj.weight"][:3] / ctx.stats.tokens
+    torch.testing.assert_close(closed, torch.zeros_like(closed) if compensate == "none" else mean.expand_as(closed))
 
 
 def test_fusion_with_global_allocation_learns_layer_scales(tiny_model_factory):

@@ -126,11 +126,11 @@ def test_unknown_path_or_store(tiny_model_factory):
 
 def test_equal_call_arguments_are_stored_once():
     """Windows of one length share positions and masks: the stored calls must not grow with the samples."""
-    from hywia.importance.layerwise import _Call
+    from hywia.importance.layerwise import LayerCall
 
     cos, sin = torch.randn(1, 8, 4), torch.randn(1, 8, 4)
-    first = _Call((), {"position_embeddings": (cos, sin), "attention_mask": None}, True)
-    second = _Call((), {"position_embeddings": (cos.clone(), sin + 1), "attention_mask": None}, True).sharing(first)
+    first = LayerCall((), {"position_embeddings": (cos, sin), "attention_mask": None}, True)
+    second = LayerCall((), {"position_embeddings": (cos.clone(), sin + 1), "attention_mask": None}, True).sharing(first)
     assert second.kwargs["position_embeddings"][0] is cos
     assert not torch.equal(second.kwargs["position_embeddings"][1], sin)
     assert second.kwargs["attention_mask"] is None and second.positional

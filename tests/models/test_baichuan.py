@@ -24,7 +24,7 @@ from hywia.io import load_model
 from hywia.models import adapter_for
 from hywia.models.baichuan import BaichuanConfig, BaichuanForCausalLM
 from hywia.pruning import PruningPlan, apply_plan
-from hywia.pruning.compensate import compensate, input_moments
+from hywia.pruning.compensate import compensate
 
 VARIANTS = {
     "rope": dict(max_position_embeddings=256),  # Baichuan-7B's config names max_position_embeddings
@@ -177,7 +177,7 @@ def test_compensation_biases_survive_reload(tiny_tokenizer, tmp_path):
     model = tiny_baichuan("alibi")
     plan = scored_plan(model, 0.4)
     adapter = adapter_for(model)
-    compensate(adapter, plan, input_moments(model, adapter, plan, ids(4, 24, seed=0)), "bias")
+    compensate(model, adapter, plan, ids(4, 24, seed=0), "bias")
     apply_plan(model, plan)
     assert model.config.hywia_layers[0]["added_biases"] == ["self_attn.o_proj", "mlp.down_proj"]
     check_reload(model, tiny_tokenizer, tmp_path, "hywia_baichuan")

@@ -8,7 +8,7 @@ import hywia  # noqa: F401
 from hywia.io import save_model
 from hywia.models import adapter_for
 from hywia.pruning import PruningPlan, allocate_uniform, apply_plan, mask_plan, select
-from hywia.pruning.compensate import compensate, input_moments
+from hywia.pruning.compensate import ProjectionMoments, compensate
 
 
 def _plan(model, ratio=0.4):
@@ -28,10 +28,9 @@ def test_compensation_shrinks_the_error_and_survives_surgery(tiny_model_factory,
             layer.mlp.up_proj.weight.add_(0.05)
     ids = torch.randint(0, 300, (8, 24), generator=torch.Generator().manual_seed(2))
     adapter, plan = _plan(dense)
-    moments = input_moments(dense, adapter, plan, ids)
     plain = mask_plan(copy.deepcopy(dense), plan)
     fixed = copy.deepcopy(dense)
-    compensate(adapter_for(fixed), plan, moments, mode)
+    compensate(fixed, adapter_for(fixed), plan, ids, mode)
     masked_fixed = mask_plan(copy.deepcopy(fixed), plan)
     with torch.no_grad():
         reference = dense(input_ids=ids).logits
@@ -49,16 +48,71 @@ def test_compensation_shrinks_the_error_and_survives_surgery(tiny_model_factory,
         torch.testing.assert_close(reloaded(input_ids=ids).logits, pruned(input_ids=ids).logits, atol=0, rtol=0)
 
 
-def test_bias_compensation_is_exact_for_constant_inputs(tiny_model_factory):
+def test_bias_compensation_is_exact_for_constant_inputs():
     """If a removed channel always carries the same value, a bias replaces it exactly."""
-    model = tiny_model_factory("llama")
-    adapter = adapter_for(model)
-    layer = adapter.layers()[1]
-    spec = next(s for s in adapter.group_specs(layer) if s.kind == "mlp")
-    plan = PruningPlan("heads", {1: {"mlp": list(range(1, spec.count))}})
-    x = torch.randn(50, spec.count, dtype=torch.float64)
+    weight = torch.randn(5, 4, dtype=torch.float64)
+    x = torch.randn(50, 4, dtype=torch.float64)
     x[:, 0] = 3.0
-    moments = {(1, "mlp"): (x.sum(0), x.T @ x, x.shape[0])}
-    weight = layer.mlp.down_proj.weight.detach().clone()
-    compensate(adapter, plan, moments, "bias")
-    torch.testing.assert_close(layer.mlp.down_proj.bias.detach(), (weight[:, 0] * 3.0).float())
+    moments = ProjectionMoments(weight, torch.tensor([1, 2, 3]), torch.tensor([0]))
+    moments.add(x)
+    delta, bias = moments.solve("bias", ridge=0.0)
+    assert delta is None
+    torch.testing.assert_close(bias, weight[:, 0] * 3.0)
+
+
+def test_least_squares_fits_the_removed_columns_from_the_kept_ones():
+    """lstsq refits the kept columns and a bias to what the removed columns wrote: the ordinary least-squares
+    solution without ridge, exact when the removed inputs are an affine function of the kept ones."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 5, dtype=torch.float64, generator=generator)
+    kept, removed = torch.tensor([0, 1, 2]), torch.tensor([3, 4])
+    x = torch.randn(200, 5, dtype=torch.float64, generator=generator)
+    moments = ProjectionMoments(weight, kept, removed)
+    moments.add(x)
+    delta, bias = moments.solve("lstsq", ridge=0.0)
+    design = torch.cat([x[:, kept], torch.ones(200, 1, dtype=torch.float64)], 1)
+    expected = torch.linalg.lstsq(design, x[:, removed] @ weight[:, removed].T).solution.T
+    torch.testing.assert_close(torch.cat([delta, bias[:, None]], 1), expected)
+    x[:, removed] = x[:, kept[:2]] * 2.0 - 1.0
+    exact = ProjectionMoments(weight, kept, removed)
+    exact.add(x)
+    delta, bias = exact.solve("lstsq", ridge=0.0)
+    torch.testing.assert_close(x[:, kept] @ (weight[:, kept] + delta).T + bias, x @ weight.T)
+
+
+def _o_proj_inputs(model, layer, ids):
+    seen = []
+    handle = model.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    return torch.cat(seen)
+
+
+def test_later_layers_are_fitted_on_the_pruned_model_inputs(tiny_model_factory):
+    """Layer 1 is fitted on the inputs of the model whose layer 0 is already pruned and compensated, not on the
+    dense model's: each layer sees what the pruned model will feed it."""
+    ids = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(3))
+    dense = tiny_model_factory("llama")
+    adapter, plan = _plan(dense)
+    plan = PruningPlan(plan.attention, {i: plan.layers[i] for i in (0, 1)})
+    together = copy.deepcopy(dense)
+    compensate(together, adapter_for(together), plan, ids, "lstsq")
+
+    first_only = copy.deepcopy(together)  # layer 0 as the pass left it, layer 1 still dense
+    first_only.model.layers[1].load_state_dict(dense.model.layers[1].state_dict(), strict=False)
+    first_only.model.layers[1].self_attn.o_proj.bias = None
+    mask_plan(first_only, PruningPlan(plan.attention, {0: plan.layers[0]}))
+    weight = dense.model.layers[1].self_attn.o_proj.weight
+    spec = next(s for s in adapter.group_specs(adapter.layers()[1]) if s.kind == "head")
+    kept = torch.tensor([h * spec.gate_block + j for h in plan.layers[1]["head"] for j in range(spec.gate_block)])
+    removed = torch.tensor(sorted(set(range(weight.shape[1])) - set(kept.tolist())))
+    expected, stale = ProjectionMoments(weight, kept, removed), ProjectionMoments(weight, kept, removed)
+    expected.add(_o_proj_inputs(first_only, 1, ids))
+    stale.add(_o_proj_inputs(dense, 1, ids))
+    delta, bias = expected.solve("lstsq", ridge=1e-2)
+    fitted = together.model.layers[1].self_attn.o_proj
+    torch.testing.assert_close(fitted.weight[:, kept], (weight[:, kept].double() + delta).float(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fitted.bias, bias.float(), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(stale.solve("lstsq", ridge=1e-2)[1], bias, atol=1e-4)  # the dense inputs differ
