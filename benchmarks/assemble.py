@@ -12,9 +12,14 @@ ROOT = Path(__file__).resolve().parent
 SECTIONS = [
     ("Quality: criterion x allocation x compensation (no recovery tuning)", "ablation.md",
      "python benchmarks/ablation.py --ratios 0.2,0.5 --calib-samples 64 --eval-tokens 4096"),
-    ("Quality with the seven zero-shot tasks (`hywia bench`)", "quality.md", "benchmarks/run_quality.sh"),
+    ("Variants tried on the way to the defaults", "variants.md", None),
+    (None, "quality.md",  # the fragment carries its own heading
+     "benchmarks/run_quality.sh --criteria hywia,taylor-element1@allocation=uniform@compensate=none,"
+     "flap@compensate=bias,wanda-sp@allocation=uniform@compensate=none --limit 50 --ppl-tokens 4096"),
     ("LoRA recovery", "tune.md", None),
-    ("Importance-estimation memory and time", "cost.md", None),
+    ("Importance-estimation memory and time", "cost.md",
+     "hywia bench --cost --calib-samples 64 --cost-scale 4 --cost-repeats 3 --out-dir benchmarks/results "
+     "(same as python benchmarks/cost.py --repeats 3)"),
     ("Speed against the MAC ceiling", "speed.md", None),
     ("llama.cpp speed of exported GGUFs", "llamacpp_speed.md", None),
 ]
@@ -27,12 +32,17 @@ def main() -> None:
              "work), on the embedded SmolLM2-135M-Instruct whose weights sit on a 4-bit (Q4_1) grid: an Instruct "
              "model, so absolute perplexities are high and only comparisons within a table mean much.", ""]
     for title, name, command in SECTIONS:
-        parts += [f"## {title}", ""]
         fragment = ROOT / "results" / name
-        if command:
-            parts += [f"Regenerate: `{command}`", ""]
-        parts.append(fragment.read_text().strip() if fragment.is_file() else "_Not measured yet._")
-        parts.append("")
+        text = fragment.read_text().strip() if fragment.is_file() else "_Not measured yet._"
+        regenerate = f"Regenerate: `{command}`" if command else None
+        if title is None and regenerate:  # the fragment carries its heading: the command goes right under it
+            lines = text.splitlines()
+            at = next(i for i, line in enumerate(lines) if line.startswith("## ")) + 1
+            text = "\n".join(lines[:at] + ["", regenerate] + lines[at:])
+        elif title is not None:
+            parts += [f"## {title}", ""] + ([regenerate, ""] if regenerate else [])
+        # fragments link their figures relative to benchmarks/results/; BENCHMARKS.md sits two folders up
+        parts += [text.strip().replace("](../", "](benchmarks/"), ""]
     (ROOT.parent / "BENCHMARKS.md").write_text("\n".join(parts))
 
 

@@ -152,7 +152,7 @@ def write_markdown(path: Path, section: str) -> None:
         else:
             text = text.rstrip("\n") + "\n\n" + section
     else:
-        text = "# Benchmarks\n\n" + section
+        text = section
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
