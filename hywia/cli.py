@@ -117,8 +117,9 @@ def _add_bench_parser(commands) -> None:
                         "memory on a GPU) and seconds, at --calib-samples and at --cost-scale times as many; takes "
                         "--model, --calib, --calib-samples, --seq-len, --dtype, --device, --seed and --out-dir "
                         "(cost.json, cost.md)")
-    p.add_argument("--cost-scale", type=int, default=4, help="also measure at this multiple of --calib-samples")
-    p.add_argument("--cost-repeats", type=int, default=1, help="rounds at the default size (median seconds)")
+    # None until given, so a quality run's recorded command does not spell out the cost benchmark's settings
+    p.add_argument("--cost-scale", type=int, default=None, help="also measure at this multiple of --calib-samples (4)")
+    p.add_argument("--cost-repeats", type=int, default=None, help="rounds at the default size, median seconds (1)")
     p.add_argument("--cost-layers", default=None, help="layers whose statistics are taken, as A:B (default as prune)")
     p.set_defaults(run=_bench, command_parser=p)
 
@@ -185,11 +186,12 @@ def _cost(args: argparse.Namespace) -> None:
 
     from .bench.cost import cost, render_markdown, write
 
-    if args.cost_scale < 1 or args.cost_repeats < 1 or args.calib_samples < 1:
+    scale = 4 if args.cost_scale is None else args.cost_scale
+    repeats = 1 if args.cost_repeats is None else args.cost_repeats
+    if min(scale, repeats, args.calib_samples) < 1:
         raise HywiaError("--calib-samples, --cost-scale and --cost-repeats must be >= 1")
-    result = cost(args.model, samples=args.calib_samples, seq_len=args.seq_len, scale=args.cost_scale,
-                  layers=args.cost_layers, dtype=args.dtype, device=args.device, seed=args.seed, calib=args.calib,
-                  repeats=args.cost_repeats)
+    result = cost(args.model, samples=args.calib_samples, seq_len=args.seq_len, scale=scale, layers=args.cost_layers,
+                  dtype=args.dtype, device=args.device, seed=args.seed, calib=args.calib, repeats=repeats)
     write(result, Path(args.out_dir))
     print(render_markdown(result))
     print(f"saved to {Path(args.out_dir) / 'cost.json'} and cost.md")
