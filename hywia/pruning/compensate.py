@@ -34,29 +34,30 @@ MODES = ("none", "bias", "lstsq")
 
 
 class ProjectionMoments:
-    """Sums over calibration tokens for one output projection, in float64 on the CPU: `gram` of z z^T with
-    z = [x_K; 1], `cross` of (W_R x_R) z^T, and `removed_sum` of x_R."""
+    """Sums over calibration tokens for one output projection, in float64 on the CPU: `removed_sum` of x_R, and
+    for `lstsq` also `gram` of z z^T with z = [x_K; 1] and `cross` of (W_R x_R) z^T."""
 
-    def __init__(self, weight: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor, mode: str) -> None:
         self.weight_removed = weight.detach()[:, removed].double().cpu()
-        self.kept, self.removed = kept, removed
+        self.kept, self.removed, self.mode = kept, removed, mode
         size = kept.numel() + 1
-        self.gram = torch.zeros(size, size, dtype=torch.float64)
-        self.cross = torch.zeros(weight.shape[0], size, dtype=torch.float64)
+        self.gram = torch.zeros(size, size, dtype=torch.float64) if mode == "lstsq" else None
+        self.cross = torch.zeros(weight.shape[0], size, dtype=torch.float64) if mode == "lstsq" else None
         self.removed_sum = torch.zeros(removed.numel(), dtype=torch.float64)
         self.tokens = 0
 
     def add(self, inputs: torch.Tensor) -> None:
         x = inputs.reshape(-1, inputs.shape[-1]).double().cpu()
-        z = torch.cat([x[:, self.kept], torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
-        self.gram += z.T @ z
-        self.cross += (x[:, self.removed] @ self.weight_removed.T).T @ z
         self.removed_sum += x[:, self.removed].sum(0)
         self.tokens += x.shape[0]
+        if self.mode == "lstsq":
+            z = torch.cat([x[:, self.kept], torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+            self.gram += z.T @ z
+            self.cross += (x[:, self.removed] @ self.weight_removed.T).T @ z
 
-    def solve(self, mode: str, ridge: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def solve(self, ridge: float) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(change of the kept columns or None, bias to add)."""
-        if mode == "bias":
+        if self.mode == "bias":
             return None, self.weight_removed @ (self.removed_sum / self.tokens)
         gram = self.gram / self.tokens
         gram = gram + ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)
@@ -135,13 +136,13 @@ def _compensate_layer(layer: nn.Module, specs: list[GroupSpec], keep: dict[str, 
         masks[s.gate_module] = torch.zeros(width).index_fill_(0, columns[s.gate_module][0], 1.0)
     for s in specs:
         linear: nn.Linear = layer.get_submodule(s.gate_module)
-        moments = ProjectionMoments(linear.weight, *columns[s.gate_module])
+        moments = ProjectionMoments(linear.weight, *columns[s.gate_module], mode)
         for sample, call in enumerate(calls):
             seen: dict[str, torch.Tensor] = {}
             with _masked_inputs(layer, specs, masks, seen):
                 _run_until(layer, call, hidden[sample].to(device), linear)
             moments.add(seen[s.gate_module])
-        delta, bias = moments.solve(mode, ridge)
+        delta, bias = moments.solve(ridge)
         if delta is not None:
             kept = columns[s.gate_module][0].to(linear.weight.device)
             linear.weight[:, kept] += delta.to(linear.weight.device, linear.weight.dtype)

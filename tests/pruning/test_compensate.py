@@ -53,9 +53,9 @@ def test_bias_compensation_is_exact_for_constant_inputs():
     weight = torch.randn(5, 4, dtype=torch.float64)
     x = torch.randn(50, 4, dtype=torch.float64)
     x[:, 0] = 3.0
-    moments = ProjectionMoments(weight, torch.tensor([1, 2, 3]), torch.tensor([0]))
+    moments = ProjectionMoments(weight, torch.tensor([1, 2, 3]), torch.tensor([0]), "bias")
     moments.add(x)
-    delta, bias = moments.solve("bias", ridge=0.0)
+    delta, bias = moments.solve(ridge=0.0)
     assert delta is None
     torch.testing.assert_close(bias, weight[:, 0] * 3.0)
 
@@ -67,16 +67,16 @@ def test_least_squares_fits_the_removed_columns_from_the_kept_ones():
     weight = torch.randn(6, 5, dtype=torch.float64, generator=generator)
     kept, removed = torch.tensor([0, 1, 2]), torch.tensor([3, 4])
     x = torch.randn(200, 5, dtype=torch.float64, generator=generator)
-    moments = ProjectionMoments(weight, kept, removed)
+    moments = ProjectionMoments(weight, kept, removed, "lstsq")
     moments.add(x)
-    delta, bias = moments.solve("lstsq", ridge=0.0)
+    delta, bias = moments.solve(ridge=0.0)
     design = torch.cat([x[:, kept], torch.ones(200, 1, dtype=torch.float64)], 1)
     expected = torch.linalg.lstsq(design, x[:, removed] @ weight[:, removed].T).solution.T
     torch.testing.assert_close(torch.cat([delta, bias[:, None]], 1), expected)
     x[:, removed] = x[:, kept[:2]] * 2.0 - 1.0
-    exact = ProjectionMoments(weight, kept, removed)
+    exact = ProjectionMoments(weight, kept, removed, "lstsq")
     exact.add(x)
-    delta, bias = exact.solve("lstsq", ridge=0.0)
+    delta, bias = exact.solve(ridge=0.0)
     torch.testing.assert_close(x[:, kept] @ (weight[:, kept] + delta).T + bias, x @ weight.T)
 
 
@@ -108,11 +108,11 @@ def test_later_layers_are_fitted_on_the_pruned_model_inputs(tiny_model_factory):
     spec = next(s for s in adapter.group_specs(adapter.layers()[1]) if s.kind == "head")
     kept = torch.tensor([h * spec.gate_block + j for h in plan.layers[1]["head"] for j in range(spec.gate_block)])
     removed = torch.tensor(sorted(set(range(weight.shape[1])) - set(kept.tolist())))
-    expected, stale = ProjectionMoments(weight, kept, removed), ProjectionMoments(weight, kept, removed)
+    expected, stale = (ProjectionMoments(weight, kept, removed, "lstsq") for _ in range(2))
     expected.add(_o_proj_inputs(first_only, 1, ids))
     stale.add(_o_proj_inputs(dense, 1, ids))
-    delta, bias = expected.solve("lstsq", ridge=1e-2)
+    delta, bias = expected.solve(ridge=1e-2)
     fitted = together.model.layers[1].self_attn.o_proj
     torch.testing.assert_close(fitted.weight[:, kept], (weight[:, kept].double() + delta).float(), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fitted.bias, bias.float(), atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(stale.solve("lstsq", ridge=1e-2)[1], bias, atol=1e-4)  # the dense inputs differ
+    assert not torch.allclose(stale.solve(ridge=1e-2)[1], bias, atol=1e-4)  # the dense inputs differ
