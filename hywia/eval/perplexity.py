@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.text import adds_bos, heldout_passages, token_stream, windows
+from ..errors import InvalidRequestError
 
 
 @torch.no_grad()
@@ -29,7 +30,12 @@ def perplexity(model: nn.Module, batches: torch.Tensor, batch_size: int = 8) -> 
 
 
 def heldout_windows(tokenizer, text: str = "lambada", seq_len: int = 128, max_tokens: int = 16384) -> tuple[str, torch.Tensor]:
-    """(description, windows) of a held-out text, capped at `max_tokens` tokens."""
+    """(description, windows) of a held-out text, capped at `max_tokens` tokens; refused when that gives no window
+    (a perplexity over zero tokens is undefined)."""
     description, passages = heldout_passages(text)
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
-    return description, windows(token_stream(tokenizer, passages, max_tokens=max_tokens), seq_len, bos)
+    out = windows(token_stream(tokenizer, passages, max_tokens=max_tokens), seq_len, bos)
+    if out.shape[0] == 0:
+        raise InvalidRequestError(f"perplexity text {text!r} gives no window of {seq_len} tokens "
+                                  f"within its first {max_tokens} tokens")
+    return description, out

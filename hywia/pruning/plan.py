@@ -16,6 +16,8 @@ from ..errors import InvalidRequestError
 from ..models import Adapter, GroupSpec, TensorSlice
 
 LayerKind = tuple[int, str]
+GLOBAL_FLOOR = 0.25  # share of each (layer, kind) that global allocation never removes
+GLOBAL_TOLERANCE = 0.005  # share of the decoder parameters global allocation may miss the target by
 
 
 @dataclass
@@ -39,20 +41,28 @@ class PruningPlan:
 
 
 def parse_layers(spec: str | None, n_layers: int) -> list[int]:
-    """Layers to prune from `A:B` (Python slice, negatives allowed); default keeps the first ~10% and last 2."""
+    """Layers to prune from `A:B` (a Python slice: either end may be empty, negatives count from the end); the
+    default keeps the first ~10% and last 2. Bounds outside the model and empty ranges are refused, not clamped."""
     if spec is None:
         start, stop = max(1, round(n_layers * 0.1)), n_layers - 2
     else:
+        first, colon, last = spec.strip().partition(":")
         try:
-            first, _, last = spec.partition(":")
-            start = int(first) if first else 0
-            stop = int(last) if last else n_layers
+            if not colon or ":" in last:
+                raise ValueError(spec)
+            start = int(first) if first.strip() else 0
+            stop = int(last) if last.strip() else n_layers
         except ValueError as exc:
-            raise InvalidRequestError(f"--layers must look like A:B, got {spec!r}") from exc
+            raise InvalidRequestError(f"--layers must look like A:B (either may be empty, negatives count from the "
+                                      f"end, e.g. 2:-2 or 4:), got {spec!r}") from exc
+        outside = [v for v in (start, stop) if not -n_layers <= v <= n_layers]
+        if outside:
+            raise InvalidRequestError(f"--layers {spec}: bound {outside[0]} is outside the model's {n_layers} layers "
+                                      f"(bounds run from {-n_layers} to {n_layers})")
         start, stop = (v + n_layers if v < 0 else v for v in (start, stop))
-    indices = list(range(max(start, 0), min(stop, n_layers)))
+    indices = list(range(start, stop))
     if not indices:
-        raise InvalidRequestError(f"--layers {spec!r} selects no layer of a model with {n_layers} layers")
+        raise InvalidRequestError(f"--layers {spec or '(default)'} selects no layer of the model's {n_layers} layers")
     return indices
 
 
@@ -68,7 +78,84 @@ def _slice_cost(param: torch.Tensor, s: TensorSlice) -> int:
 
 def _check_ratio(ratio: float) -> None:
     if not 0.0 <= ratio < 1.0:
-        raise InvalidRequestError(f"ratio must lie in (0, 1), got {ratio}")
+        raise InvalidRequestError(f"ratio must lie in [0, 1), got {ratio}")
+
+
+def _floor_units(units: int, floor: float) -> int:
+    """Removal units a (layer, kind) keeps: `floor` of them, and always at least one."""
+    return max(1, math.ceil(floor * units))
+
+
+def max_removable_share(adapter: Adapter, layer_indices: list[int], floor: float) -> float:
+    """The largest share of all decoder parameters that can go from these layers, from their shapes alone, when
+    every (layer, kind) keeps `floor` of its removal units (at least one)."""
+    layers = adapter.layers()
+    removable = 0
+    for i in layer_indices:
+        for spec in adapter.group_specs(layers[i]):
+            unit = _unit(adapter, layers[i], spec)
+            units = spec.count // unit
+            removable += (units - _floor_units(units, floor)) * unit * group_cost(layers[i], spec)
+    return removable / adapter.num_decoder_params()
+
+
+def _layer_span(layer_indices: list[int]) -> str:
+    return f"--layers {layer_indices[0]}:{layer_indices[-1] + 1}"
+
+
+def check_uniform_reachable(adapter: Adapter, layer_indices: list[int], ratio: float) -> None:
+    """Refuse a uniform ratio that would leave some pruned layer without a head per KV group or an MLP channel."""
+    _check_ratio(ratio)
+    most = max_removable_share(adapter, layer_indices, floor=0.0)
+    if ratio > most:
+        raise InvalidRequestError(
+            f"ratio {ratio} would empty the pruned layers: {_layer_span(layer_indices)} can give at most "
+            f"{most:.3f} of the decoder parameters; widen --layers or lower --ratio"
+        )
+
+
+def check_global_reachable(adapter: Adapter, layer_indices: list[int], ratio: float,
+                           floor: float = GLOBAL_FLOOR) -> None:
+    """Refuse, from the shapes alone and so before calibration, a global ratio that the per-layer floor blocks."""
+    _check_ratio(ratio)
+    most = max_removable_share(adapter, layer_indices, floor)
+    if ratio - GLOBAL_TOLERANCE > most:
+        uniform_most = max_removable_share(adapter, layer_indices, floor=0.0)
+        alternative = f", or use --allocation uniform (up to {uniform_most:.3f})" if ratio <= uniform_most else ""
+        raise InvalidRequestError(
+            f"ratio {ratio} cannot be reached with --allocation global: every pruned layer keeps {floor:.0%} of its "
+            f"heads and channels, so {_layer_span(layer_indices)} can give at most {most:.3f} of the decoder "
+            f"parameters; lower --ratio, widen --layers{alternative}"
+        )
+
+
+def check_round_to(adapter: Adapter, layer_indices: list[int], round_to: int) -> None:
+    """Refuse a --round-to that no pruned layer's MLP width exceeds: it would round nothing, silently."""
+    if round_to < 1:
+        raise InvalidRequestError(f"--round-to must be >= 1, got {round_to}")
+    if round_to == 1:
+        return
+    layers = adapter.layers()
+    widths = {i: spec.count for i in layer_indices for spec in adapter.group_specs(layers[i]) if spec.kind == "mlp"}
+    narrowest = min(widths, key=widths.get, default=None)
+    if narrowest is not None and widths[narrowest] <= round_to:
+        raise InvalidRequestError(
+            f"--round-to {round_to} is not below the MLP width of layer {narrowest} ({widths[narrowest]} channels), "
+            "so it would round nothing there; use a smaller --round-to or prune without it"
+        )
+
+
+def check_plan_request(
+    adapter: Adapter, layers: str | None, ratio: float, allocation: str, round_to: int
+) -> list[int]:
+    """The layers to prune, once `--layers`, `--round-to` and the ratio are known to fit the model's shapes:
+    everything that can be refused without scores, refused before calibration."""
+    layer_indices = parse_layers(layers, len(adapter.layers()))
+    check_round_to(adapter, layer_indices, round_to)
+    check_uniform_reachable(adapter, layer_indices, ratio)
+    if allocation == "global":
+        check_global_reachable(adapter, layer_indices, ratio)
+    return layer_indices
 
 
 def _unit(adapter: Adapter, layer: torch.nn.Module, spec: GroupSpec) -> int:
@@ -91,17 +178,12 @@ def allocate_uniform(
     Every pruned layer loses the same share of its attention (rounded to whole heads per KV group) and the MLP
     channels absorb the rest, so the achieved share matches the request to within a few channels.
     """
-    _check_ratio(ratio)
+    check_uniform_reachable(adapter, layer_indices, ratio)
     layers = adapter.layers()
     specs = {i: adapter.group_specs(layers[i]) for i in layer_indices}
     target = ratio * adapter.num_decoder_params()
     prunable = sum(group_cost(layers[i], s) * s.count for i in layer_indices for s in specs[i])
     share = target / prunable
-    if share >= 1.0:
-        raise InvalidRequestError(
-            f"ratio {ratio} would empty the pruned layers: it asks for {share:.0%} of layers "
-            f"{layer_indices[0]}..{layer_indices[-1]}; widen --layers or lower --ratio"
-        )
     keep: dict[LayerKind, int] = {}
     removed = 0.0
     for i in layer_indices:
@@ -128,7 +210,7 @@ def allocate_global(
     layer_indices: list[int],
     ratio: float,
     scores: dict[LayerKind, torch.Tensor],
-    floor: float = 0.25,
+    floor: float = GLOBAL_FLOOR,
     round_to: int = 1,
 ) -> dict[LayerKind, int]:
     """Rank the groups of all pruned layers together by score per parameter and remove the cheapest first.
@@ -150,17 +232,17 @@ def allocate_global(
             score = scores[key].double()
             if unit > 1:  # the r-th removal takes the r-th weakest head of every KV group
                 score = score.view(unit, -1).sort(dim=1).values.sum(0)
-            floor_units = max(1, math.ceil(floor * score.numel()))
+            floor_units = _floor_units(score.numel(), floor)
             for value in score.sort().values[: score.numel() - floor_units].tolist():
                 candidates.append((value / (cost * unit), cost * unit, key, unit))
     candidates.sort(key=lambda c: c[0])
     removed = 0.0
     for _, cost, key, unit in candidates:
-        if removed + cost > target + 0.005 * total:
+        if removed + cost > target + GLOBAL_TOLERANCE * total:
             continue  # would overshoot: a cheaper group further down the ranking may still fit
         keep[key] -= unit
         removed += cost
-    if removed < target - 0.005 * total:
+    if removed < target - GLOBAL_TOLERANCE * total:  # groups too coarse to land near the target
         raise InvalidRequestError(
             f"ratio {ratio} cannot be reached with every layer keeping {floor:.0%} of its groups; "
             "widen --layers or lower --ratio"
