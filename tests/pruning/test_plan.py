@@ -2,7 +2,9 @@ import pytest
 
 from hywia.errors import InvalidRequestError
 from hywia.models import adapter_for
-from hywia.pruning import allocate_uniform, apply_plan, parse_layers, select
+from hywia.pruning import allocate_uniform, apply_plan, check_plan_request, parse_layers, select
+from hywia.pruning.plan import (GLOBAL_FLOOR, GLOBAL_TOLERANCE, check_global_reachable, check_round_to,
+                                max_removable_share)
 import torch
 
 
@@ -79,3 +81,72 @@ def test_round_to_gives_multiples_and_keeps_the_ratio(tiny_model_factory, round_
     before = adapter.num_decoder_params()
     apply_plan(model, select(adapter, scores, keep))
     assert abs(1 - adapter_for(model).num_decoder_params() / before - 0.3) < 0.03
+
+
+@pytest.mark.parametrize("spec", ["1", "2:3:4", "a:", ":b", "1.5:3", "", "-"])
+def test_layers_must_be_an_a_colon_b_slice(spec):
+    with pytest.raises(InvalidRequestError, match="--layers must look like A:B"):
+        parse_layers(spec, 10)
+
+
+def test_layers_bounds_may_be_empty_or_negative_but_not_outside_the_model():
+    assert parse_layers(":", 10) == list(range(10))
+    assert parse_layers("7:", 10) == [7, 8, 9] and parse_layers(":2", 10) == [0, 1]
+    assert parse_layers("-10:-8", 10) == [0, 1] and parse_layers(" 3 : 10 ", 10) == list(range(3, 10))
+    for spec, bound in [("0:99", "99"), ("-11:", "-11"), ("11:12", "11")]:
+        with pytest.raises(InvalidRequestError, match=f"bound {bound} is outside the model's 10 layers"):
+            parse_layers(spec, 10)
+    for spec in ("5:2", "-1:-3", "10:"):
+        with pytest.raises(InvalidRequestError, match="selects no layer of the model's 10 layers"):
+            parse_layers(spec, 10)
+
+
+def test_round_to_must_be_below_every_pruned_mlp_width(tiny_model_factory):
+    adapter = adapter_for(tiny_model_factory("llama", layers=6))  # MLP width 96
+    check_round_to(adapter, [1, 2], 32)
+    with pytest.raises(InvalidRequestError, match="--round-to 96 is not below the MLP width of layer 1 \\(96"):
+        check_round_to(adapter, [1, 2], 96)
+    with pytest.raises(InvalidRequestError, match="--round-to must be >= 1"):
+        check_round_to(adapter, [1, 2], 0)
+
+
+def test_the_largest_reachable_share_is_what_each_allocation_reaches(tiny_model_factory):
+    from hywia.pruning import allocate_global
+
+    model = tiny_model_factory("llama", heads=8, kv_heads=2, layers=6)
+    adapter = adapter_for(model)
+    layers = [2, 3]
+    scores = {(i, s.kind): torch.rand(s.count) for i in layers for s in adapter.group_specs(adapter.layers()[i])}
+    global_most = max_removable_share(adapter, layers, GLOBAL_FLOOR)
+    uniform_most = max_removable_share(adapter, layers, 0.0)
+    assert 0 < global_most < uniform_most < len(layers) / 6
+    keep = allocate_global(adapter, layers, global_most, scores)
+    counts = {s.kind: s.count for s in adapter.group_specs(adapter.layers()[2])}
+    assert all(keep[(i, kind)] == counts[kind] // 4 for i in layers for kind in counts)  # everything to the floor
+    check_global_reachable(adapter, layers, global_most + GLOBAL_TOLERANCE)
+    beyond = global_most + 2 * GLOBAL_TOLERANCE
+    with pytest.raises(InvalidRequestError, match="cannot be reached"):
+        allocate_global(adapter, layers, beyond, scores)
+    message = f"--layers 2:4 can give at most {global_most:.3f} .*--allocation uniform \\(up to {uniform_most:.3f}\\)"
+    with pytest.raises(InvalidRequestError, match=message):
+        check_global_reachable(adapter, layers, beyond)
+    before = adapter.num_decoder_params()
+    apply_plan(model, select(adapter, scores, allocate_uniform(adapter, layers, uniform_most)))
+    widths = adapter_for(model).widths(model.model.layers[2])
+    assert widths["num_attention_heads"] == 2 and widths["intermediate_size"] == 1  # one unit of each kept
+    assert abs(1 - adapter_for(model).num_decoder_params() / before - uniform_most) < 1e-9
+    with pytest.raises(InvalidRequestError, match=f"would empty the pruned layers: --layers 2:4 .*{uniform_most:.3f}"):
+        allocate_uniform(adapter_for(tiny_model_factory("llama", heads=8, kv_heads=2, layers=6)), layers,
+                         uniform_most + 0.001)
+
+
+def test_plan_request_checks_layers_round_to_and_the_allocation(tiny_model_factory):
+    adapter = adapter_for(tiny_model_factory("llama", layers=6))
+    assert check_plan_request(adapter, "1:5", 0.3, "global", 8) == [1, 2, 3, 4]
+    with pytest.raises(InvalidRequestError, match="--layers"):
+        check_plan_request(adapter, "1", 0.3, "global", 1)
+    with pytest.raises(InvalidRequestError, match="--round-to 128"):
+        check_plan_request(adapter, "1:5", 0.3, "global", 128)
+    assert check_plan_request(adapter, "2:4", 0.2, "uniform", 1) == [2, 3]
+    with pytest.raises(InvalidRequestError, match="--allocation global"):
+        check_plan_request(adapter, "2:4", 0.2, "global", 1)
