@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from hywia.cli import main
@@ -15,3 +17,120 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
 def test_cli_requires_ratio_and_out():
     with pytest.raises(SystemExit):
         main(["prune"])
+
+
+@pytest.fixture
+def tiny_folder(tiny_model_factory, tiny_tokenizer, tmp_path):
+    """A tiny llama (4 layers, 256 positions, MLP width 96) saved with its tokenizer, as a user's model folder."""
+    folder = tmp_path / "tiny"
+    tiny_model_factory("llama").save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def calib_text(tmp_path):
+    from conftest import TINY_TEXT
+
+    path = tmp_path / "calib.txt"
+    path.write_text("\n\n".join([TINY_TEXT] * 6), encoding="utf-8")
+    return path
+
+
+def _one_line_error(capsys) -> str:
+    """The error line, checked to be the only one (transformers' progress bars may precede it) with no traceback."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert len(lines) == 1 and lines[0].startswith("hywia: error: ") and err.rstrip().endswith(lines[0]), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("content, name, expected", [
+    ("Caf\u00e9\n".encode("latin-1"), "calib.txt", "not UTF-8 text (byte 0xe9 at offset 3, line 1)"),
+    ("text".encode("utf-16"), "calib.txt", "not UTF-8 text (byte 0xff at offset 0, line 1)"),
+    (b'{"text": null}\n', "calib.jsonl", 'line 1: expected a {"text": "..."} object with non-empty text'),
+    (b'{"text": "ok"}', "calib.json", "expected a JSON array"),
+    (b"some text", "calib.csv", "unsupported text file type '.csv'"),
+])
+def test_bad_calibration_text_is_refused_before_the_model_loads(tmp_path, capsys, content, name, expected):
+    calib = tmp_path / name
+    calib.write_bytes(content)
+    argv = ["prune", "--model", str(tmp_path / "missing"), "--ratio", "0.2", "--calib", str(calib),
+            "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert expected in _one_line_error(capsys)  # the text's error, not the missing model's
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--seq-len", "4"], "--seq-len must be at least 8"),
+    (["--calib-samples", "0"], "--calib-samples must be at least 1"),
+    (["--ppl-text", "nonexistent.txt"], "neither a built-in text"),
+])
+def test_bad_window_flags_are_refused_before_the_model_loads(tmp_path, capsys, calib_text, flags, expected):
+    argv = ["prune", "--model", str(tmp_path / "missing"), "--ratio", "0.2", "--calib", str(calib_text),
+            "--seq-len", "32", "--out", str(tmp_path / "o"), *flags]
+    assert main(argv) == 2
+    assert expected in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--ppl-tokens", "16"], "--ppl-tokens 16 gives no window of --seq-len 32"),
+    (["--seq-len", "2"], "--seq-len must be at least 8"),
+])
+def test_bad_eval_window_flags_are_refused_before_the_model_loads(tmp_path, capsys, calib_text, flags, expected):
+    argv = ["eval", "--model", str(tmp_path / "missing"), "--ppl-text", str(calib_text), "--tasks", "none",
+            "--seq-len", "32", *flags]
+    assert main(argv) == 2
+    assert expected in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--seq-len", "512"], "--seq-len 512 exceeds the model's 256 positions"),
+    (["--layers", "1"], "--layers must look like A:B"),
+    (["--layers", "0:99"], "bound 99 is outside the model's 4 layers"),
+    (["--layers=-5:"], "bound -5 is outside the model's 4 layers"),
+    (["--layers", "3:1"], "selects no layer of the model's 4 layers"),
+    (["--round-to", "128"], "--round-to 128 is not below the MLP width of layer 0 (96 channels)"),
+    (["--ratio", "0.6"], "cannot be reached with --allocation global"),
+    (["--ratio", "0.7", "--layers", "1:3", "--allocation", "uniform"], "would empty the pruned layers"),
+])
+def test_flags_that_do_not_fit_the_model_are_refused_before_calibration(
+    tiny_folder, calib_text, tmp_path, capsys, monkeypatch, flags, expected
+):
+    import hywia.api
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration started")
+
+    monkeypatch.setattr(hywia.api, "calibration_windows", no_calibration)
+    argv = ["prune", "--model", str(tiny_folder), "--ratio", "0.3", "--calib", str(calib_text), "--calib-samples",
+            "4", "--seq-len", "32", "--layers", "0:4", "--ppl-text", "none", "--out", str(tmp_path / "o"), *flags]
+    assert main(argv) == 2
+    assert expected in _one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_json_calibration_and_perplexity_texts_work_end_to_end(tiny_folder, tmp_path, capsys):
+    from conftest import TINY_TEXT
+
+    texts = tmp_path / "texts.JSON"
+    texts.write_text(json.dumps([TINY_TEXT] * 3 + [{"text": TINY_TEXT}] * 3), encoding="utf-8")
+    argv = ["prune", "--model", str(tiny_folder), "--ratio", "0.2", "--criterion", "magnitude", "--calib",
+            str(texts), "--calib-samples", "4", "--seq-len", "32", "--layers", "0:4", "--ppl-text", str(texts),
+            "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["ppl_text"]["tokens"] >= 4 * 32 and report["calibration"]["text"] == str(texts)
+
+
+def test_eval_refuses_bad_perplexity_text_before_loading_and_long_windows_after(tiny_folder, tmp_path, capsys):
+    bad = tmp_path / "heldout.txt"
+    bad.write_bytes(b"fine\n\xc3(")
+    assert main(["eval", "--model", str(tmp_path / "missing"), "--ppl-text", str(bad), "--tasks", "none"]) == 2
+    assert "heldout.txt: not UTF-8 text (byte 0xc3 at offset 5, line 2)" in _one_line_error(capsys)
+    bad.write_text("fine text", encoding="utf-8")
+    argv = ["eval", "--model", str(tiny_folder), "--ppl-text", str(bad), "--tasks", "none", "--seq-len", "300",
+            "--ppl-tokens", "300"]
+    assert main(argv) == 2
+    assert "--seq-len 300 exceeds the model's 256 positions" in _one_line_error(capsys)
