@@ -90,9 +90,9 @@ def read_text_file(path: Path) -> list[str]:
     except OSError as exc:
         raise CalibrationError(f"cannot read text file {path}: {exc.strerror or exc}") from exc
     text = _decode_utf8(path, raw)
-    if suffix == ".jsonl":
+    if suffix == ".jsonl":  # records end at "\n" only: JSON strings may hold U+2028 and other line separators
         passages = [_passage(path, f"line {number}", _json(path, line, f"line {number}"), strings=False)
-                    for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+                    for number, line in enumerate(text.split("\n"), 1) if line.strip()]
     elif suffix == ".json":
         items = _json(path, text, "") if text.strip() else []
         if not isinstance(items, list):
@@ -147,8 +147,9 @@ def _passage(path: Path, where: str, item, strings: bool) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise CalibrationError(f"{path}: {where}: the text holds an unpaired surrogate escape ({exc.object[exc.start]!a})"
-                               ) from exc
+        raise CalibrationError(
+            f"{path}: {where}: the text holds an unpaired surrogate escape ({exc.object[exc.start]!a})"
+        ) from exc
     return text
 
 
@@ -243,5 +244,5 @@ def check_seq_len_fits(config, seq_len: int) -> None:
     """Refuse windows longer than the model's positions: past them RoPE extrapolates and learned tables fail."""
     limit = model_positions(config)
     if limit is not None and seq_len > limit:
-        raise InvalidRequestError(f"--seq-len {seq_len} exceeds the model's {limit} positions "
-                                  f"(max_position_embeddings); use --seq-len {limit} or less")
+        raise InvalidRequestError(f"--seq-len {seq_len} exceeds the model's {limit} positions; "
+                                  f"use --seq-len {limit} or less")

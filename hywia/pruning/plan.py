@@ -104,7 +104,8 @@ def _layer_span(layer_indices: list[int]) -> str:
 
 
 def check_uniform_reachable(adapter: Adapter, layer_indices: list[int], ratio: float) -> None:
-    """Refuse a uniform ratio that would leave some pruned layer without a head per KV group or an MLP channel."""
+    """Refuse a uniform ratio that would take every unit of some kind from a pruned layer (its last head per KV
+    group, last KV group or last MLP channel)."""
     _check_ratio(ratio)
     most = max_removable_share(adapter, layer_indices, floor=0.0)
     if ratio > most:
@@ -130,7 +131,7 @@ def check_global_reachable(adapter: Adapter, layer_indices: list[int], ratio: fl
 
 
 def check_round_to(adapter: Adapter, layer_indices: list[int], round_to: int) -> None:
-    """Refuse a --round-to that no pruned layer's MLP width exceeds: it would round nothing, silently."""
+    """Refuse a --round-to not below some pruned layer's MLP width: there it would round nothing, silently."""
     if round_to < 1:
         raise InvalidRequestError(f"--round-to must be >= 1, got {round_to}")
     if round_to == 1:

@@ -45,8 +45,8 @@ def test_random_bytes_are_refused(tmp_path):
 
 def test_jsonl_needs_a_non_empty_text_string_on_every_line(tmp_path):
     path = tmp_path / "calib.JSONL"
-    path.write_text('{"text": "one"}\n\n{"text": "two", "id": 2}\n', encoding="utf-8")
-    assert read_text_file(path) == ["one", "two"]
+    path.write_text('{"text": "one"}\r\n\n{"text": "two\u2028lines", "id": 2}\n', encoding="utf-8")
+    assert read_text_file(path) == ["one", "two\u2028lines"]
     for line, shown in [('{"text": null}', '"text": null'), ('{"text": "  "}', '"text": "  "'),
                         ('{"text": 3}', '"text": 3'), ('{"body": "x"}', "an object without a 'text' field"),
                         ('"a bare string"', '"a bare string"'), ("[1, 2]", r"\[1, 2\]")]:
