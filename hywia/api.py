@@ -44,8 +44,8 @@ def peak_rss_mb() -> float:
 
 def prune_inputs(model, calib, offload_folder, ppl_text) -> dict[str, Path | None]:
     """The paths a prune reads, which its output must leave alone."""
-    return {"--model": local_path(model), "--calib": calib and Path(calib), "--offload-folder": offload_folder,
-            "--ppl-text": local_path(ppl_text)}
+    return {"--model": local_path(model), "--calib": Path(calib) if calib else None,
+            "--offload-folder": offload_folder, "--ppl-text": local_path(ppl_text)}
 
 
 def prune(

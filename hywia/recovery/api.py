@@ -18,8 +18,8 @@ import inspect
 import json
 import math
 import shutil
-import zipfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,9 +85,9 @@ def tune_model(
     Give `steps` or `epochs` (one epoch when neither). An existing OUT is refused unless `force` (delete it first)
     or `resume` (continue from its newest checkpoint: refused when OUT holds none, unless the model lies inside
     OUT as `prune_and_tune` lays it out). A fresh run stopped before its first checkpoint removes the OUT it made,
-    so that the same command can run again. Perplexity on `ppl_text` is
-    measured before and after with the same windows as `hywia prune`, so `ppl_before` of a pruned folder equals its
-    prune report's `ppl_after`. Under `accelerate launch` the main process alone measures and writes.
+    so that the same command can run again. Perplexity on `ppl_text` is measured before and after with the same
+    windows as `hywia prune`, so `ppl_before` of a pruned folder equals its prune report's `ppl_after`. Under
+    `accelerate launch` the main process alone measures and writes.
     """
     source = _check_settings(locals())
     started = time.perf_counter()
