@@ -25,7 +25,7 @@ def check_output(
 ) -> None:
     """Fail in one line, before any work, if writing `out` cannot work or would destroy something.
 
-    Refused whatever `force` says: a symbolic link; the current folder or one above it; a path that equals,
+    Refused whatever `force` says: a symbolic link; the current or home folder or one above them; a path that equals,
     contains or lies inside one of `inputs` ({flag: path}, e.g. the model folder, the calibration file), since
     replacing it would delete the input; a folder where a file is wanted and the reverse; a place that cannot be
     written (probed with a folder made and removed at once in the nearest existing parent). An existing `out`
@@ -35,9 +35,10 @@ def check_output(
     what = "file" if file else "folder"
     if out.is_symlink():
         raise InvalidRequestError(f"{out} is a symbolic link; give the real path or a new {what} name")
-    target, here = out.resolve(), Path.cwd().resolve()
-    if target == here or target in here.parents:
-        raise InvalidRequestError(f"{out} is the current folder or one above it; name a new {what} for the output")
+    target = out.resolve()
+    for protected, name in ((Path.cwd().resolve(), "current"), (Path.home().resolve(), "home")):
+        if target == protected or target in protected.parents:
+            raise InvalidRequestError(f"{out} is the {name} folder or one above it; name a new {what} for the output")
     for flag, given in (inputs or {}).items():
         if not given:
             continue

@@ -100,6 +100,8 @@ def test_force_never_deletes_the_current_folder_or_one_above(files, tmp_path, mo
         assert main(_prune_args(files, out, "--force")) == 2, out
         assert "current folder or one above it" in _one_error_line(capsys)
     assert [p.name for p in work.iterdir()] == ["keep.txt"]
+    assert main(_prune_args(files, Path.home(), "--force")) == 2
+    assert "home folder or one above it" in _one_error_line(capsys)
 
 
 def test_out_that_cannot_be_written_fails_before_the_model_loads(files, tmp_path, capsys):
