@@ -120,9 +120,7 @@ def stale_temporaries(outputs: Iterable[Path | None] = ()) -> list[Path]:
                     if match["state"] == "old" and not path.with_name(match["name"]).exists():
                         continue
                     candidates.append((path, match))
-    uid = os.getuid()
-    return [path for path, match in candidates
-            if match and path.lstat().st_uid == uid and not pid_alive(int(match["pid"]))]
+    return [path for path, match in candidates if match and _mine(path) and not pid_alive(int(match["pid"]))]
 
 
 def sweep_stale(outputs: Iterable[Path | None] = ()) -> tuple[list[Path], int]:
@@ -137,6 +135,13 @@ def sweep_stale(outputs: Iterable[Path | None] = ()) -> tuple[list[Path], int]:
     return stale, freed
 
 
+def _mine(path: Path) -> bool:
+    try:
+        return path.lstat().st_uid == os.getuid()
+    except OSError:  # gone meanwhile
+        return False
+
+
 def _entries(folder: Path) -> list[Path]:
     try:
         return list(folder.iterdir())
@@ -146,7 +151,10 @@ def _entries(folder: Path) -> list[Path]:
 
 def _size(path: Path) -> int:
     if path.is_symlink() or not path.is_dir():
-        return path.lstat().st_size
+        try:
+            return path.lstat().st_size
+        except OSError:
+            return 0
     total = 0
     for root, _, files in os.walk(path):
         for name in files:
