@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import resource
-import tempfile
 import time
 from functools import partial
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from .eval.perplexity import heldout_windows, perplexity
 from .importance import ScoringContext, collect_statistics, get_criterion
 from .importance.collect import PATHS
 from .importance.layerwise import STORES
-from .io import check_output, describe, load_model, save_model
+from .io import check_output, describe, load_model, local_path, save_model, tempfiles
 from .models import adapter_for
 from .offload import check_placement, place
 from .pruning import PruningPlan, allocate_global, allocate_uniform, apply_plan, check_plan_request, select
@@ -42,6 +41,12 @@ def count_params(module: nn.Module) -> int:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prune_inputs(model, calib, offload_folder, ppl_text) -> dict[str, Path | None]:
+    """The paths a prune reads, which its output must leave alone."""
+    return {"--model": local_path(model), "--calib": Path(calib) if calib else None,
+            "--offload-folder": offload_folder, "--ppl-text": local_path(ppl_text)}
 
 
 def prune(
@@ -84,13 +89,14 @@ def prune(
     the pruned layers' weights in extra memory); both give the same scores. `offload` ("cpu" or "disk") keeps the
     decoder layers there and streams them through `device` one at a time for calibration, scoring and surgery;
     `device_map` lets accelerate place the model instead ("auto": across the GPUs). Disk-offloaded weights go to
-    `offload_folder` (default: a new temporary folder, kept because the returned model reads from it).
+    `offload_folder` (default: a new temporary folder, removed when the interpreter exits, since the returned model
+    reads from it; `hywia prune` removes it when the command ends). `out` may not be, hold or lie inside any input.
     """
     started = time.perf_counter()
     if not 0.0 < ratio < 1.0:
         raise InvalidRequestError(f"--ratio must lie strictly between 0 and 1, got {ratio}")
     if out is not None:
-        check_output(Path(out), force)
+        check_output(Path(out), force, inputs=prune_inputs(model, calib, offload_folder, ppl_text))
     scorer = get_criterion(criterion)
     if allocation not in ALLOCATIONS:
         raise InvalidRequestError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
@@ -106,7 +112,7 @@ def prune(
     check_placement(offload, device_map)
     placed = offload is not None or device_map is not None
     if placed:
-        offload_folder = offload_folder or tempfile.mkdtemp(prefix="hywia-offload-")
+        offload_folder = offload_folder or tempfiles.temp_dir("offload")
     if isinstance(model, nn.Module):
         if tokenizer is None:
             raise InvalidRequestError("a live model needs its tokenizer")

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 from .errors import HywiaError
 
@@ -87,6 +91,7 @@ def _add_eval_parser(commands) -> None:
     _add_measure_flags(p, "lambada", None)
     p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
     p.add_argument("--out", default=None, help="write the full record as JSON to this file")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(run=_eval)
 
 
@@ -129,7 +134,12 @@ def _eval(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .eval.api import evaluate, format_table
+    from .io import check_output, local_path, write_text_atomic
 
+    if args.out:
+        texts = [name for entry in args.ppl_text or [] for name in entry.split(",")]
+        inputs = {"--model": local_path(args.model), **{f"--ppl-text {name}": local_path(name) for name in texts}}
+        check_output(Path(args.out), args.force, inputs=inputs, file=True)
     result = evaluate(
         args.model, ppl_texts=args.ppl_text or ["lambada"], tasks=args.tasks, limit=args.limit, seed=args.seed,
         seq_len=args.seq_len, ppl_tokens=args.ppl_tokens, batch_size=args.batch_size, device=args.device,
@@ -137,7 +147,7 @@ def _eval(args: argparse.Namespace) -> None:
     )
     print(format_table(result))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_text_atomic(Path(args.out), json.dumps(result, indent=1))
         print(f"saved to {args.out}")
 
 
@@ -394,13 +404,67 @@ def _export(args: argparse.Namespace) -> None:
     print(f"saved to {result.path}")
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGINT arrived: raised where the program is, so that every `finally` and context manager on the
+    way out removes its temporary files. Not an Exception, so no `except Exception` stops the unwinding."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame) -> None:
+    for ignored in STOP_SIGNALS:  # a second signal must not cut the cleanup short
+        signal.signal(ignored, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextmanager
+def _stopping_on_signals() -> Iterator[None]:
+    """SIGTERM (timeout, Slurm, docker stop) and SIGINT raise `Stopped` for the length of the command."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _stop) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _remove_stale_temporaries(args: argparse.Namespace) -> None:
+    """Temporaries of hywia runs that were killed outright, in the temporary folder and beside this run's output."""
+    from pathlib import Path
+
+    from .io.tempfiles import sweep_stale
+
+    outputs = [Path(value) for value in (getattr(args, "out", None), getattr(args, "gguf", None)) if value]
+    removed, freed = sweep_stale(outputs)
+    if removed:
+        print(f"hywia: removed {len(removed)} temporary file(s) of ended hywia runs ({freed / 2**20:.1f} MiB): "
+              + ", ".join(str(path) for path in removed), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Its temporary folders (disk-offloaded weights included) are removed when it ends."""
+    from .io.tempfiles import removing_created
+
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        with _stopping_on_signals(), removing_created():
+            _remove_stale_temporaries(args)
+            args.run(args)
     except HywiaError as exc:
         print(f"hywia: error: {exc}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(f"hywia: stopped by {signal.Signals(stop.signum).name}; its temporary files are removed",
+              file=sys.stderr)
+        return 128 + stop.signum
     return 0
 
 

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
-# Set before torch/transformers are imported anywhere in the test session.
+# Set before torch/transformers are imported anywhere in the test session; the folders made here are removed when
+# the session ends (pytest_sessionfinish).
+SESSION_FOLDERS = [tempfile.mkdtemp(prefix="hywia-hf-home-")]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hywia-hf-home-")
+os.environ["HF_HOME"] = SESSION_FOLDERS[0]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Slow tests convert the embedded GGUF once per session unless the developer points HYWIA_CACHE at a warm cache.
-os.environ.setdefault("HYWIA_CACHE", tempfile.mkdtemp(prefix="hywia-cache-"))
+if "HYWIA_CACHE" not in os.environ:
+    SESSION_FOLDERS.append(tempfile.mkdtemp(prefix="hywia-cache-"))
+    os.environ["HYWIA_CACHE"] = SESSION_FOLDERS[-1]
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -23,6 +28,11 @@ TINY_TEXT = (
     "Structured pruning removes whole channels and attention heads from every decoder layer. "
     "Calibration text gives the gradients; the importance of each group decides what stays. "
 ) * 4
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    for folder in SESSION_FOLDERS:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -36,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import UnsupportedModelError
+from ..io import tempfiles
 from ..models import Adapter, GroupSpec
 from ..offload import execution_device, resident
 from .statistics import Statistics, TaylorTerms, activation_hooks, check_finite, lm_loss, taylor_terms
@@ -54,7 +53,7 @@ class ActivationStore:
     """
 
     def __init__(self, on_disk: bool) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="hywia-activations-")) if on_disk else None
+        self.folder = tempfiles.temp_dir("activations") if on_disk else None
         self._memory: dict[tuple, torch.Tensor] = {}
         self._files: dict[object, tuple] = {}
 
@@ -94,7 +93,7 @@ class ActivationStore:
             self.drop(key)
         self._memory.clear()
         if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            tempfiles.release(self.folder)
 
     def _file(self, key: object) -> tuple:
         if key not in self._files:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,8 @@ from ..errors import InvalidRequestError, UnsupportedModelError
 from ..models import adapter_for
 from ..models.pruned import base_class
 from .load import load_model
-from .save import check_output
+from . import tempfiles
+from .save import check_output, local_path
 
 OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
@@ -78,7 +78,7 @@ def export_gguf(model: str | None, out: str | Path, *, outtype: str = "f16", for
     if outtype not in OUTTYPES:
         raise InvalidRequestError(f"unknown --outtype {outtype!r}; use one of {', '.join(OUTTYPES)}")
     out = Path(out)
-    check_output(out, force)
+    check_output(out, force, inputs={"--model": local_path(model)}, file=True)
     hf_model, tokenizer = load_model(model, device="cpu", dtype="float32")
     config = hf_model.config
     family = base_class(type(hf_model)).__name__
@@ -88,7 +88,7 @@ def export_gguf(model: str | None, out: str | Path, *, outtype: str = "f16", for
     tensors = _tensors(hf_model, widths, arch, OUTTYPES[outtype][0])
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = tempfiles.sibling_name(out)
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
     try:
         _add_hparams(writer, hf_model, widths, arch, OUTTYPES[outtype][1], name=_model_name(model, config))
@@ -225,7 +225,7 @@ def _rope_freq_factors(model) -> torch.Tensor | None:
 
 def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, n_vocab: int) -> str:
     """Vocabulary, merges, special ids and chat template; returns where they came from."""
-    with tempfile.TemporaryDirectory(prefix="hywia-tokenizer-") as tmp:
+    with tempfiles.temp_folder("tokenizer") as tmp:
         tokenizer.save_pretrained(tmp)
         spec_path = Path(tmp) / "tokenizer.json"
         if not spec_path.is_file():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from ..data.assets import cache_dir, package_dir, smollm2_gguf
 from ..errors import ModelLoadError
 from ..offload import loading_device_map
+from . import tempfiles
 from .save import atomic_dir
 
 
@@ -98,7 +98,7 @@ def load_model(
 
     With `offload` ("cpu" or "disk") the decoder layers wait there and stream through `device` one at a time;
     `device_map` hands placement to accelerate ("auto" across the GPUs, or an explicit map). What goes to disk
-    goes to `offload_folder` (default: a new temporary folder, kept: the model reads from it).
+    goes to `offload_folder` (default: a new temporary folder, removed at interpreter exit: the model reads from it).
     """
     import hywia.models  # noqa: F401  (registers the pruned classes before Auto classes resolve a config)
 
@@ -114,7 +114,7 @@ def load_model(
         placement = {}
         if placed:
             config = AutoConfig.from_pretrained(path)
-            folder = offload_folder or tempfile.mkdtemp(prefix="hywia-offload-")
+            folder = offload_folder or tempfiles.temp_dir("offload")
             placement = dict(offload_folder=str(folder), device_map=loading_device_map(
                 config, offload=offload, device_map=device_map, device=device))
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True, **placement)

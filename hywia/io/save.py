@@ -1,5 +1,5 @@
 """Atomic saving: everything is written to a temporary sibling folder and renamed into place at the end, so a
-failed run never leaves a half-written model behind."""
+failed run never leaves a half-written model behind; and the checks that keep an output from destroying anything."""
 
 from __future__ import annotations
 
@@ -9,16 +9,74 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from ..errors import InvalidRequestError
-from . import remote_code
+from . import remote_code, tempfiles
 
 
-def check_output(out: Path, force: bool) -> None:
-    """Fail before any work if `out` exists and may not be replaced."""
-    if out.exists() and not force:
-        raise InvalidRequestError(f"{out} already exists; pass --force to overwrite it")
+def check_output(
+    out: Path,
+    force: bool = False,
+    *,
+    inputs: Mapping[str, str | Path | None] | None = None,
+    file: bool = False,
+    existing_ok: bool = False,
+) -> None:
+    """Fail in one line, before any work, if writing `out` cannot work or would destroy something.
+
+    Refused whatever `force` says: a symbolic link; the current or home folder or one above them; a path that equals,
+    contains or lies inside one of `inputs` ({flag: path}, e.g. the model folder, the calibration file), since
+    replacing it would delete the input; a folder where a file is wanted and the reverse; a place that cannot be
+    written (probed with a folder made and removed at once in the nearest existing parent). An existing `out`
+    needs `force`, unless `existing_ok` (a run that continues in `out`, which may then hold its inputs).
+    """
+    out = Path(out)
+    what = "file" if file else "folder"
+    if out.is_symlink():
+        raise InvalidRequestError(f"{out} is a symbolic link; give the real path or a new {what} name")
+    target = out.resolve()
+    for protected, name in ((Path.cwd().resolve(), "current"), (Path.home().resolve(), "home")):
+        if target == protected or target in protected.parents:
+            raise InvalidRequestError(f"{out} is the {name} folder or one above it; name a new {what} for the output")
+    for flag, given in (inputs or {}).items():
+        if not given:
+            continue
+        source = Path(given).resolve()
+        if target == source:
+            raise InvalidRequestError(f"{out} is also {flag}: write the output elsewhere")
+        if source in target.parents:
+            raise InvalidRequestError(f"{out} lies inside {flag} {given}: write the output elsewhere")
+        if target in source.parents and not existing_ok:
+            raise InvalidRequestError(f"{out} contains {flag} {given}, which replacing it would delete: "
+                                      "write the output elsewhere")
+    if out.exists():
+        if file and out.is_dir():
+            raise InvalidRequestError(f"{out} is a folder; give a file name for the output")
+        if not file and not out.is_dir():
+            raise InvalidRequestError(f"{out} exists and is not a folder")
+        if not force and not existing_ok:
+            raise InvalidRequestError(f"{out} already exists; pass --force to overwrite it")
+    _check_writable(target.parent)
+
+
+def _check_writable(folder: Path) -> None:
+    """The nearest existing folder at or above `folder` accepts a new entry (made and removed at once)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise InvalidRequestError(f"{existing} is a file, so nothing can be written below it")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".hywia-probe-{os.getpid()}-", dir=existing))
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot write in {existing}: {exc.strerror or exc}") from exc
+
+
+def local_path(name: str | Path | None) -> Path | None:
+    """`name` as a path when it names an existing file or folder (not a hub or embedded model name, nor a text
+    name such as 'lambada'); None otherwise."""
+    if isinstance(name, (str, Path)) and str(name) and Path(name).exists():
+        return Path(name)
+    return None
 
 
 @contextmanager
@@ -27,11 +85,11 @@ def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
     out = Path(out)
     check_output(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = tempfiles.sibling_dir(out)
     try:
         yield tmp
         if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            old = tempfiles.sibling_name(out, "old")
             out.rename(old)
             tmp.rename(out)
             shutil.rmtree(old)
@@ -40,6 +98,17 @@ def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace a file in one step, so that a reader never sees half of it and a failure keeps the old one."""
+    path = Path(path)
+    tmp = tempfiles.sibling_name(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_model(model, tokenizer, out: Path, *, extra_json: dict[str, dict] | None = None, force: bool = False) -> Path:

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
+import math
 import shutil
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,15 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
-from ..api import peak_rss_mb, prune
+from ..api import peak_rss_mb, prune, prune_inputs
 from ..errors import InvalidRequestError
 from ..eval.perplexity import heldout_windows, perplexity
-from ..io import check_output, describe, load_model, save_model
+from ..io import check_output, describe, load_model, local_path, save_model, write_text_atomic
 from .data import build_examples, read_conversations, read_sharegpt
 from .lora import merge as merge_adapter
 from .lora import tune as train_lora
@@ -80,9 +83,11 @@ def tune_model(
 
     `data` is an Alpaca JSON/JSONL or chat JSONL file, or None / "sharegpt" for the packaged ShareGPT conversations.
     Give `steps` or `epochs` (one epoch when neither). An existing OUT is refused unless `force` (delete it first)
-    or `resume` (continue from its newest checkpoint, or start fresh when it has none). Perplexity on `ppl_text` is
-    measured before and after with the same windows as `hywia prune`, so `ppl_before` of a pruned folder equals its
-    prune report's `ppl_after`. Under `accelerate launch` the main process alone measures and writes.
+    or `resume` (continue from its newest checkpoint: refused when OUT holds none, unless the model lies inside
+    OUT as `prune_and_tune` lays it out). A fresh run stopped before its first checkpoint removes the OUT it made,
+    so that the same command can run again. Perplexity on `ppl_text` is measured before and after with the same
+    windows as `hywia prune`, so `ppl_before` of a pruned folder equals its prune report's `ppl_after`. Under
+    `accelerate launch` the main process alone measures and writes.
     """
     source = _check_settings(locals())
     started = time.perf_counter()
@@ -104,8 +109,6 @@ def tune_model(
     else:
         model_name = describe(str(model))
         base_dir = Path(model) if Path(model).is_dir() else None
-        if force and base_dir and out.resolve() in (base_dir.resolve(), *base_dir.resolve().parents):
-            raise InvalidRequestError(f"--force would delete {out}, which holds the model being tuned")
         model, tokenizer = load_model(str(model), device=str(state.device), dtype=dtype)
     try:
         examples = build_examples(tokenizer, conversations, cutoff_len)
@@ -120,14 +123,20 @@ def tune_model(
     if force and out.exists() and main:
         shutil.rmtree(out)
     state.wait_for_everyone()
+    made_out = main and not out.exists()
     ppl_before = perplexity(model, windows) if windows is not None else None
     trained_at = time.perf_counter()
-    result = train_lora(
-        model, tokenizer, examples, out, steps=steps, epochs=epochs, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout, batch_size=batch_size, grad_accum=grad_accum,
-        gradient_checkpointing=gradient_checkpointing, resume=resume, seed=seed, save_steps=save_steps,
-        callbacks=[ProgressPrinter()] if progress else (),
-    )
+    try:
+        result = train_lora(
+            model, tokenizer, examples, out, steps=steps, epochs=epochs, lr=lr, lora_r=lora_r,
+            lora_alpha=lora_alpha, lora_dropout=lora_dropout, batch_size=batch_size, grad_accum=grad_accum,
+            gradient_checkpointing=gradient_checkpointing, resume=resume, seed=seed, save_steps=save_steps,
+            callbacks=[ProgressPrinter()] if progress else (),
+        )
+    except BaseException:  # interrupted too: a stub OUT without a checkpoint would only block the retry
+        if made_out and not any((out / "checkpoints").glob("checkpoint-*")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     train_seconds = time.perf_counter() - trained_at
     peft_model = result["model"]
     report = {
@@ -185,7 +194,6 @@ def prune_and_tune(
     dense -> pruned (the prune report, as "base_report") -> tuned.
     """
     out = Path(out)
-    check_output(out, force)
     if process_state().num_processes > 1:
         raise InvalidRequestError(
             "prune --tune runs in one process: prune first, then `accelerate launch -m hywia.cli tune`"
@@ -200,7 +208,10 @@ def prune_and_tune(
     except TypeError as exc:
         raise InvalidRequestError(f"prune --tune options: {exc}") from exc
     bound.apply_defaults()
-    _check_settings(bound.arguments)
+    tune_data = bound.arguments["data"]
+    check_output(out, force, inputs={**prune_inputs(p["model"], p["calib"], p["offload_folder"], p["ppl_text"]),
+                                     "--tune-data": local_path(tune_data)})
+    _check_settings(bound.arguments, out_checked=True)
     if out.exists():
         shutil.rmtree(out)  # force was given; the old run's checkpoints must not be resumed
     # The pruned model is dropped from memory: the tuning half reloads the saved folder, as the resume command would.
@@ -216,37 +227,89 @@ def process_state() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
-def _check_settings(a: dict[str, Any]) -> Path | None:
-    """Refuse impossible settings before anything is loaded; return the user's data file (None: packaged ShareGPT)."""
+def _check_settings(a: dict[str, Any], *, out_checked: bool = False) -> Path | None:
+    """Refuse impossible settings before anything is loaded or created; return the user's data file (None: the
+    packaged ShareGPT). `out_checked`: the caller has checked OUT against its own inputs already."""
     if a["steps"] is not None and a["epochs"] is not None:
         raise InvalidRequestError("give --steps or --epochs, not both")
-    for name in ("steps", "batch_size", "grad_accum", "lora_r", "save_steps", "max_records"):
+    for name in ("steps", "batch_size", "grad_accum", "lora_r", "lora_alpha", "save_steps", "max_records",
+                 "ppl_tokens"):
         if a[name] is not None and a[name] < 1:
             raise InvalidRequestError(f"--{name.replace('_', '-')} must be at least 1, got {a[name]}")
-    if a["epochs"] is not None and a["epochs"] <= 0:
-        raise InvalidRequestError(f"--epochs must be positive, got {a['epochs']}")
-    if a["cutoff_len"] < 2:
-        raise InvalidRequestError(f"--cutoff-len must be at least 2, got {a['cutoff_len']}")
+    if a["epochs"] is not None and not (math.isfinite(a["epochs"]) and a["epochs"] > 0):
+        raise InvalidRequestError(f"--epochs must be a positive number, got {a['epochs']}")
+    if not (math.isfinite(a["lr"]) and a["lr"] > 0):
+        raise InvalidRequestError(f"--lr must be a positive number, got {a['lr']}")
+    if not 0 <= a["lora_dropout"] < 1:
+        raise InvalidRequestError(f"--lora-dropout must lie in [0, 1), got {a['lora_dropout']}")
+    for name in ("cutoff_len", "ppl_seq_len"):
+        if a[name] < 2:
+            raise InvalidRequestError(f"--{name.replace('_', '-')} must be at least 2, got {a[name]}")
     if a["resume"] and a["force"]:
         raise InvalidRequestError("--resume continues the run in --out and --force deletes it: pass only one")
     out = Path(a["out"])
-    if out.exists() and not out.is_dir():
-        raise InvalidRequestError(f"{out} exists and is not a folder")
-    if not a["resume"]:
-        check_output(out, a["force"])
+    model = local_path(a["model"])
     data = a["data"]
-    if data is None or str(data) == SHAREGPT:
-        return None
-    if not Path(data).is_file():
+    data = None if data is None or str(data) == SHAREGPT else Path(data)
+    if not out_checked:
+        inputs = {"--model": model, "--data": data, "--ppl-text": local_path(a["ppl_text"])}
+        check_output(out, a["force"], inputs=inputs, existing_ok=a["resume"])
+        if a["resume"]:
+            _check_resume(out, model)
+    if data is not None and not data.is_file():
         raise InvalidRequestError(f"instruction data file not found: {data}")
-    return Path(data)
+    return data
+
+
+def _check_resume(out: Path, model: Path | None) -> None:
+    """--resume needs a readable newest checkpoint in OUT. Without any, it starts fresh only in the layout of
+    `hywia prune --tune` (the model inside OUT), whose run may have stopped before its first checkpoint."""
+    checkpoints = out / "checkpoints"
+    newest = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if newest is None:
+        if model is not None and out.resolve() in model.resolve().parents:
+            return
+        raise InvalidRequestError(f"--resume: {out} holds no checkpoint to continue from; "
+                                  "drop --resume to start a new run")
+    problem = checkpoint_problem(Path(newest))
+    if problem:
+        raise InvalidRequestError(f"--resume: checkpoint {newest} is unusable ({problem}); delete that folder to "
+                                  "resume from the one before, or start again with --force")
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a Trainer checkpoint cannot be resumed from, read without loading it (None: it looks complete).
+
+    Its state and adapter must be there; JSON files must parse, safetensors headers must read, and torch's zip
+    archives (optimizer, scheduler, RNG state) must pass their CRC check."""
+    for required in ("trainer_state.json", "adapter_model.safetensors"):
+        if not (folder / required).is_file():
+            return f"{required} is missing"
+    for path in sorted(folder.iterdir()):
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as handle:
+                    handle.keys()
+            elif path.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(path) as archive:
+                    if archive.testzip() is not None:
+                        return f"{path.name} is corrupt"
+        except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as exc:
+            return f"{path.name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    try:
+        step = json.loads((folder / "trainer_state.json").read_text()).get("global_step")
+    except AttributeError:
+        step = None
+    if not isinstance(step, int):
+        return "trainer_state.json has no global_step"
+    return None
 
 
 def _write_json(path: Path, payload: dict) -> None:
     """Replace a JSON file in one step, so a reader never sees half of it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2))
 
 
 class ProgressPrinter(TrainerCallback):
