@@ -67,6 +67,7 @@ def prune(
     offload: str | None = None,
     device_map: str | dict | None = None,
     offload_folder: str | Path | None = None,
+    trust_remote_code: bool = False,
     ppl_text: str | None = "lambada",
     ppl_tokens: int = 16384,
     progress: bool = True,
@@ -83,7 +84,8 @@ def prune(
     the pruned layers' weights in extra memory); both give the same scores. `offload` ("cpu" or "disk") keeps the
     decoder layers there and streams them through `device` one at a time for calibration, scoring and surgery;
     `device_map` lets accelerate place the model instead ("auto": across the GPUs). Disk-offloaded weights go to
-    `offload_folder` (default: a new temporary folder, kept because the returned model reads from it).
+    `offload_folder` (default: a new temporary folder, kept because the returned model reads from it). Python code
+    shipped in a model folder runs only with `trust_remote_code`.
     """
     started = time.perf_counter()
     if not 0.0 < ratio < 1.0:
@@ -115,7 +117,7 @@ def prune(
     else:
         model_name = describe(model)
         model, tokenizer = load_model(model, device=device, dtype=dtype, offload=offload, device_map=device_map,
-                                      offload_folder=offload_folder)
+                                      offload_folder=offload_folder, trust_remote_code=trust_remote_code)
     adapter = adapter_for(model, attention)
     layer_indices = parse_layers(layers, len(adapter.layers()))
     keep = allocate_uniform(adapter, layer_indices, ratio, round_to)

@@ -33,6 +33,7 @@ from ..api import peak_rss_mb, prune
 from ..errors import InvalidRequestError
 from ..eval.perplexity import heldout_windows, perplexity
 from ..io import check_output, describe, load_model, save_model
+from ..io.checks import strict_json
 from .data import build_examples, read_conversations, read_sharegpt
 from .lora import merge as merge_adapter
 from .lora import tune as train_lora
@@ -74,6 +75,7 @@ def tune_model(
     ppl_text: str | None = "lambada",
     ppl_seq_len: int = 128,
     ppl_tokens: int = 16384,
+    trust_remote_code: bool = False,
     progress: bool = True,
 ) -> TuneResult:
     """LoRA-tune `model` (a pruned folder, or a live model + tokenizer) on instruction data; write OUT (see above).
@@ -106,7 +108,8 @@ def tune_model(
         base_dir = Path(model) if Path(model).is_dir() else None
         if force and base_dir and out.resolve() in (base_dir.resolve(), *base_dir.resolve().parents):
             raise InvalidRequestError(f"--force would delete {out}, which holds the model being tuned")
-        model, tokenizer = load_model(str(model), device=str(state.device), dtype=dtype)
+        model, tokenizer = load_model(str(model), device=str(state.device), dtype=dtype,
+                                      trust_remote_code=trust_remote_code)
     try:
         examples = build_examples(tokenizer, conversations, cutoff_len)
     except ValueError as exc:
@@ -245,7 +248,7 @@ def _check_settings(a: dict[str, Any]) -> Path | None:
 def _write_json(path: Path, payload: dict) -> None:
     """Replace a JSON file in one step, so a reader never sees half of it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.write_text(strict_json(payload, indent=2))
     os.replace(tmp, path)
 
 
