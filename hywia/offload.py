@@ -122,22 +122,23 @@ def stored_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             yield (f"{prefix}.{key}" if prefix else key), tensor
 
 
-def check_device(device: str | torch.device) -> torch.device:
-    """`device` parsed and present on this machine, before any weight is loaded onto it."""
+def check_device(device: str | torch.device, flag: str = "--device") -> torch.device:
+    """`device` parsed and present on this machine, before any weight is loaded onto it; `flag` names where the
+    user gave it."""
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise InvalidRequestError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from exc
+        raise InvalidRequestError(f"{flag} {device!r} is not a device; use cpu, cuda or cuda:N") from exc
     if parsed.type not in DEVICE_TYPES:
-        raise InvalidRequestError(f"--device {device!r}: hywia runs on {', '.join(DEVICE_TYPES)}, not {parsed.type}")
+        raise InvalidRequestError(f"{flag} {device!r}: hywia runs on {', '.join(DEVICE_TYPES)}, not {parsed.type}")
     if parsed.type == "cpu":
         return parsed
     backend = getattr(torch, parsed.type)
     count = backend.device_count() if backend.is_available() else 0
     if count == 0:
-        raise InvalidRequestError(f"--device {device!r}: no {parsed.type} device is visible here; use --device cpu")
+        raise InvalidRequestError(f"{flag} {device!r}: no {parsed.type} device is visible here; use cpu")
     if parsed.index is not None and parsed.index >= count:
-        raise InvalidRequestError(f"--device {device!r}: only {count} {parsed.type} device(s) are visible "
+        raise InvalidRequestError(f"{flag} {device!r}: only {count} {parsed.type} device(s) are visible "
                                   f"({parsed.type}:0 to {parsed.type}:{count - 1})")
     return parsed
 
@@ -147,8 +148,14 @@ def check_device_map(device_map: object, model: nn.Module) -> None:
     or a map whose keys are the model's modules or tensors, whose values are devices here, "cpu" or "disk", and
     which places every weight."""
     if isinstance(device_map, str):
-        if device_map not in STRATEGIES:
-            check_device(device_map)
+        if device_map in STRATEGIES:
+            return
+        try:
+            torch.device(device_map)
+        except RuntimeError as exc:
+            raise InvalidRequestError(f"--device-map must be one of {', '.join(STRATEGIES)}, a device or a .json "
+                                      f"file of a device map, got {device_map!r}") from exc
+        check_device(device_map, "--device-map")
         return
     if not isinstance(device_map, dict) or not device_map:
         raise InvalidRequestError(f"--device-map must be one of {', '.join(STRATEGIES)} or a JSON file of a "
@@ -163,7 +170,7 @@ def check_device_map(device_map: object, model: nn.Module) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise InvalidRequestError(f"--device-map {key!r}: {value!r} is not a device (cpu, disk, cuda:N or N)")
-        check_device(f"cuda:{value}" if isinstance(value, int) else value)
+        check_device(f"cuda:{value}" if isinstance(value, int) else value, f"--device-map {key!r}:")
     uncovered = [name for name in model.state_dict()
                  if not any(key == "" or name == key or name.startswith(key + ".") for key in device_map)]
     if uncovered:

@@ -215,8 +215,7 @@ def _check_representable(tensors: list[_Tensor], outtype: str) -> None:
     for t in tensors:
         if not all_finite(t.source):
             raise NonFiniteWeightsError(f"tensor {t.name} holds NaN or Inf values: not exporting it")
-        if t.qtype == gguf.GGMLQuantizationType.F16 and t.source.numel() and not all_finite(
-                torch.stack(torch.aminmax(t.source.detach().float())).abs().max().half()):
+        if t.qtype == gguf.GGMLQuantizationType.F16 and not all_finite(t.source.detach().half()):
             raise InvalidRequestError(f"tensor {t.name} holds values beyond float16's range (+-65504), which f16 "
                                       f"turns into Inf; export with --outtype bf16 or f32 (asked: {outtype})")
 

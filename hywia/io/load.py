@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def load_model(
 
     Python code shipped in a model folder runs only with `trust_remote_code`; hywia's pruned folders need none.
     The folder, the device and the placement are checked before any weight is read, the loaded tensors against
-    the config, and the weights for NaN and Inf: every case ends in one ModelLoadError or InvalidRequestError.
+    the config, and the weights for NaN and Inf: each fault ends in one HywiaError line.
     """
     import hywia.models  # noqa: F401  (registers the pruned classes before Auto classes resolve a config)
 
@@ -119,18 +120,33 @@ def load_model(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device)
     placed = offload is not None or device_map is not None
+    created = tempfile.mkdtemp(prefix="hywia-offload-") if placed and offload_folder is None else None
+    try:
+        model, tokenizer = _load(name, path, shapes, torch_dtype, device, offload, device_map,
+                                 (offload_folder or created) if placed else None, trust_remote_code)
+    except BaseException:
+        if created is not None:  # a refused model leaves no copy of its weights behind
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    return (model if placed else model.to(device)).eval(), tokenizer
+
+
+def _load(name: str, path: Path, shapes: dict, torch_dtype: torch.dtype, device: str, offload: str | None,
+          device_map: str | dict | None, offload_folder: str | Path | None, trust_remote_code: bool):
+    """`load_model` past its checks of the arguments: the tokenizer, the config checked against the weights'
+    headers and the placement, the weights, then the loaded tensors and their values. An `offload_folder` means
+    the model is placed by `offload` or `device_map`."""
     trust = {"trust_remote_code": trust_remote_code}
     report = _HeldLoadReport()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **trust)
         config = AutoConfig.from_pretrained(path, **trust)
         placement = {}
-        if shapes or placed:
+        if shapes or offload_folder is not None:
             skeleton = meta_model(config, trust_remote_code)
             check_shapes(skeleton, shapes, path)
-            if placed:
-                folder = offload_folder or tempfile.mkdtemp(prefix="hywia-offload-")
-                placement = dict(offload_folder=str(folder), device_map=loading_device_map(
+            if offload_folder is not None:
+                placement = dict(offload_folder=str(offload_folder), device_map=loading_device_map(
                     skeleton, offload=offload, device_map=device_map, device=device))
             del skeleton
         with report:
@@ -146,7 +162,7 @@ def load_model(
     check_loading_info(info, repr(name))
     report.release()
     check_finite_weights(model, f"cannot load model {name!r}")
-    return (model if placed else model.to(device)).eval(), tokenizer
+    return model, tokenizer
 
 
 class _HeldLoadReport(logging.Filter):

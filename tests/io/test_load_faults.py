@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 
 import pytest
 import torch
@@ -193,7 +194,7 @@ def test_bad_device(tiny_tokenizer, tmp_path, capfd, device, message):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_without_a_gpu(tiny_tokenizer, tmp_path, capfd):
     folder = _save(tmp_path / "model", tiny_tokenizer)
-    assert "no cuda device is visible" in _refused(capfd, *_eval_args(folder)[:-2], "--device", "cuda")
+    assert "--device 'cuda': no cuda device is visible" in _refused(capfd, *_eval_args(folder)[:-2], "--device", "cuda")
 
 
 @pytest.mark.parametrize("placement,message", [
@@ -201,7 +202,8 @@ def test_cuda_without_a_gpu(tiny_tokenizer, tmp_path, capfd):
     ({"model": "cpu", "lm_head": "cpu", "model.layers.9": "disk"}, "names 'model.layers.9', which the model"),
     ({"model.embed_tokens": "cpu", "lm_head": "cpu"}, "places no device for model.layers.0"),
     ({"model": [0], "lm_head": "cpu"}, "[0] is not a device"),
-    ({"": "cuda:999"}, "--device 'cuda:999'"),
+    ({"": "cuda:999"}, "--device-map '': 'cuda:999'"),
+    ({"model": -1, "lm_head": "cpu"}, "'model': 'cuda:-1' is not a device"),
     (["cpu"], "must be one of auto"),
 ])
 def test_bad_device_map_file(tiny_tokenizer, tmp_path, capfd, text_file, placement, message):
@@ -211,6 +213,15 @@ def test_bad_device_map_file(tiny_tokenizer, tmp_path, capfd, text_file, placeme
                     "--device", "cpu", "--device-map", str(tmp_path / "map.json"), "--out", str(tmp_path / "out"))
     assert message in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value,message", [("gpu", "must be one of auto"), ("tpu:0", "must be one of auto"),
+                                           ("cuda:999", "--device-map 'cuda:999'")])
+def test_bad_device_map_name(tiny_tokenizer, tmp_path, capfd, text_file, value, message):
+    folder = _save(tmp_path / "model", tiny_tokenizer)
+    line = _refused(capfd, "prune", "--model", str(folder), "--ratio", "0.2", "--calib", str(text_file),
+                    "--device", "cpu", "--device-map", value, "--out", str(tmp_path / "out"))
+    assert message in line
 
 
 def test_non_finite_weights_are_refused_by_every_command(tiny_tokenizer, tmp_path, capfd, text_file):
@@ -285,3 +296,12 @@ def test_json_records_are_strict(tiny_tokenizer, text_file):
     assert parsed["perplexity"][str(text_file)]["ppl"] is None
     assert parsed["non_finite_as_null"] == [f"perplexity.{text_file}.ppl"]
     assert strict_json({"a": [1.5, float("inf")]}) == '{"a": [1.5, null], "non_finite_as_null": ["a[1]"]}'
+
+
+def test_refused_offloaded_model_leaves_no_weights_in_the_temporary_folder(tiny_tokenizer, tmp_path, monkeypatch):
+    folder = _save(tmp_path / "model", tiny_tokenizer, model=_with_weight(float("nan")))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    with pytest.raises(NonFiniteWeightsError):
+        load_model(str(folder), device="cpu", offload="disk")
+    assert list((tmp_path / "tmp").iterdir()) == []
