@@ -210,7 +210,8 @@ def test_bad_device_map_file(tiny_tokenizer, tmp_path, capfd, text_file, placeme
     folder = _save(tmp_path / "model", tiny_tokenizer)
     (tmp_path / "map.json").write_text(json.dumps(placement))
     line = _refused(capfd, "prune", "--model", str(folder), "--ratio", "0.2", "--calib", str(text_file),
-                    "--device", "cpu", "--device-map", str(tmp_path / "map.json"), "--out", str(tmp_path / "out"))
+                    "--device", "cpu", "--device-map", str(tmp_path / "map.json"), "--offload-folder",
+                    str(tmp_path / "offload"), "--out", str(tmp_path / "out"))
     assert message in line
     assert not (tmp_path / "out").exists()
 
@@ -220,7 +221,8 @@ def test_bad_device_map_file(tiny_tokenizer, tmp_path, capfd, text_file, placeme
 def test_bad_device_map_name(tiny_tokenizer, tmp_path, capfd, text_file, value, message):
     folder = _save(tmp_path / "model", tiny_tokenizer)
     line = _refused(capfd, "prune", "--model", str(folder), "--ratio", "0.2", "--calib", str(text_file),
-                    "--device", "cpu", "--device-map", value, "--out", str(tmp_path / "out"))
+                    "--device", "cpu", "--device-map", value, "--offload-folder", str(tmp_path / "offload"),
+                    "--out", str(tmp_path / "out"))
     assert message in line
 
 
@@ -282,6 +284,8 @@ def test_gradient_criterion_names_the_source_layer(tiny_tokenizer, text_file, pa
     with pytest.raises(CalibrationError, match="output of model.layers.1 overflows") as refused:
         prune(overflowing, **common)
     assert "float32" not in str(refused.value)
+    with pytest.raises(CalibrationError, match="output of model.layers.1 overflows.*--dtype float32"):
+        prune(overflowing.to(torch.bfloat16), **common)  # only a lower precision gets the float32 hint
 
 
 def test_json_records_are_strict(tiny_tokenizer, text_file):
