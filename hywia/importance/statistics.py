@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CalibrationError
+from ..io.checks import first_non_finite
 from ..models import Adapter, GroupSpec, TensorSlice
+from ..offload import execution_device
 from .base import LayerKind, blocks
 
 
@@ -95,9 +97,6 @@ def check_finite(name: str, grad: torch.Tensor, dtype: torch.dtype) -> None:
 def non_finite_loss_error(model: nn.Module, adapter: Adapter, batches: torch.Tensor) -> CalibrationError:
     """Why the calibration loss is NaN or Inf, named at its source rather than where the gradient first shows it
     (the top pruned layer): a non-finite weight, else the first layer whose output overflows on some sample."""
-    from ..io.checks import first_non_finite
-    from ..offload import execution_device
-
     found = first_non_finite(model)
     if found is not None:
         return CalibrationError(f"non-finite loss: weight {found[0]} holds NaN or Inf values")
@@ -115,8 +114,8 @@ def non_finite_loss_error(model: nn.Module, adapter: Adapter, batches: torch.Ten
             for ids in batches:
                 model(input_ids=ids[None].to(execution_device(model)), use_cache=False)
                 if first:
-                    return CalibrationError(f"non-finite loss: the output of {adapter.layer_name(first[0])} overflows to "
-                                            f"NaN or Inf on the calibration text{_hint(dtype)}")
+                    return CalibrationError(f"non-finite loss: the output of {adapter.layer_name(first[0])} overflows "
+                                            f"to NaN or Inf on the calibration text{_hint(dtype)}")
     finally:
         for handle in handles:
             handle.remove()

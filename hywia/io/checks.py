@@ -31,7 +31,8 @@ def read_config(folder: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{path} is not valid JSON (corrupt model folder)") from exc
     if not isinstance(config, dict):
-        raise ModelLoadError(f"{path} holds a JSON {type(config).__name__}, not an object of model settings")
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(config), "null")
+        raise ModelLoadError(f"{path} holds a JSON {kind}, not an object of model settings")
     return config
 
 
@@ -83,14 +84,14 @@ def meta_model(config, trust_remote_code: bool) -> nn.Module:
 
 
 def check_shapes(skeleton: nn.Module, shapes: dict[str, tuple[str, tuple[int, ...]]], folder: Path) -> None:
-    """Refuse a config.json whose sizes differ from the weights' (transformers would re-initialise those tensors)."""
+    """Refuse a config.json whose sizes differ from the weights', from the headers alone, before a weight is read
+    (transformers would stop only after loading, with a table and a traceback)."""
     for name, tensor in skeleton.state_dict().items():
-        expected = tuple(tensor.shape)
-        file_name, shape = shapes.get(name, ("", expected))
-        if shape != expected:
+        if name in shapes and shapes[name][1] != tuple(tensor.shape):
+            file_name, shape = shapes[name]
             raise ModelLoadError(
                 f"{folder}/config.json does not match the weights: {name} is {list(shape)} in {file_name} but "
-                f"{list(expected)} by the config (were hidden_size, intermediate_size, head or layer counts "
+                f"{list(tensor.shape)} by the config (were hidden_size, intermediate_size, head or layer counts "
                 "edited?)"
             )
 
@@ -126,7 +127,8 @@ def check_finite_weights(model: nn.Module, what: str) -> None:
     if found is None:
         return
     name, dtype = found
-    hint = "; float16 turns values beyond +-65504 into Inf: try --dtype float32" if dtype == torch.float16 else ""
+    hint = ("; if the checkpoint's values are finite, float16 turned those beyond +-65504 into Inf: try --dtype "
+            "float32" if dtype == torch.float16 else "")
     raise NonFiniteWeightsError(f"{what}: weight {name} holds NaN or Inf values, and hywia writes nothing "
                                 f"computed from them{hint}")
 
@@ -154,7 +156,7 @@ def strict_json(payload: Any, **dumps_options: Any) -> str:
 
 def all_finite(tensor: torch.Tensor) -> bool:
     """No NaN or Inf in `tensor`: its minimum and maximum are finite (both propagate NaN), one pass without a
-    scratch copy, some thirty times faster than `isfinite(...).all()` on a CPU."""
+    scratch copy (30x faster than `isfinite(...).all()` on 168M floats on one CPU thread: 0.1 s against 3 s)."""
     if tensor.numel() == 0:
         return True
     low, high = torch.aminmax(tensor.detach())
@@ -163,7 +165,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 def _natural(names) -> list[str]:
     """Names sorted with their numbers as numbers: layers.4 before layers.10."""
-    return sorted(names, key=lambda n: [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in n.split(".")])
+    return sorted(names, key=lambda name: [(0, int(part), "") if part.isdigit() else (1, 0, part)
+                                           for part in name.split(".")])
 
 
 def _some(names: list[str]) -> str:

@@ -79,7 +79,8 @@ def test_sharded_index_naming_an_absent_file(tiny_tokenizer, tmp_path, capfd):
     assert "lacks model-00002-of-00002.safetensors" in _refused(capfd, *_eval_args(folder))
 
 
-@pytest.mark.parametrize("content,kind", [("[1, 2]", "list"), ('"llama"', "str"), ("null", "NoneType")])
+@pytest.mark.parametrize("content,kind", [("[1, 2]", "array"), ('"llama"', "string"), ("null", "null"),
+                                          ("7", "number")])
 def test_config_that_is_not_an_object(tiny_tokenizer, tmp_path, capfd, content, kind):
     folder = _save(tmp_path / "model", tiny_tokenizer)
     (folder / "config.json").write_text(content)
