@@ -114,12 +114,22 @@ def stored_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
         for key, tensor in own:
             if tensor.device.type == "meta":
-                stored = next((h.weights_map for h in hooks if h.weights_map is not None and key in h.weights_map),
-                              None)
-                if stored is None:
-                    continue  # nothing holds it yet (an empty skeleton): no values to check
-                tensor = stored[key]
+                tensor = _offloaded(hooks, key)
+                if tensor is None:
+                    continue  # nothing holds it (an empty skeleton): no values to check
             yield (f"{prefix}.{key}" if prefix else key), tensor
+
+
+def _offloaded(hooks: list, key: str) -> torch.Tensor | None:
+    """The tensor `key` from the first hook's weights map that holds it (read once: a lookup loads it from disk)."""
+    for hook in hooks:
+        if hook.weights_map is None:
+            continue
+        try:
+            return hook.weights_map[key]
+        except KeyError:
+            continue
+    return None
 
 
 def check_device(device: str | torch.device, flag: str = "--device") -> torch.device:
