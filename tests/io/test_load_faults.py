@@ -48,8 +48,8 @@ def _with_weight(value: float):
 
 
 def _refused(capfd, *argv: str) -> str:
-    """Run the CLI, which must exit 2 with one line on stderr besides progress bars, no traceback and no report of
-    transformers'; returns that line."""
+    """Run the CLI, which must exit 2 with one line on stderr besides progress bars and no traceback; returns that
+    line."""
     capfd.readouterr()
     assert main(list(argv)) == 2
     err = [line for line in capfd.readouterr().err.splitlines() if line.strip() and "it/s]" not in line]
@@ -130,7 +130,7 @@ from pathlib import Path
 
 from transformers import LlamaConfig
 
-Path(__file__).resolve().parents[0].joinpath("ran").touch()  # the cached copy's folder: proof that it ran
+Path({marker!r}).touch()  # proof that the folder's code ran
 
 
 class CustomConfig(LlamaConfig):
@@ -151,13 +151,16 @@ def test_folder_code_runs_only_with_trust_remote_code(tiny_tokenizer, tmp_path, 
     folder = _save(tmp_path / "custom", tiny_tokenizer, model_type="hywia_test_custom",
                    auto_map={"AutoConfig": "configuration_custom.CustomConfig",
                              "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
-    (folder / "configuration_custom.py").write_text(CUSTOM_CONFIG)
+    marker = tmp_path / "ran"
+    (folder / "configuration_custom.py").write_text(CUSTOM_CONFIG.format(marker=str(marker)))
     (folder / "modeling_custom.py").write_text(CUSTOM_MODEL)
     line = _refused(capfd, *_eval_args(folder))
     assert "pass --trust-remote-code" in line and "if you trust it" in line
     with pytest.raises(ModelLoadError, match="--trust-remote-code"):
         load_model(str(folder), device="cpu")
+    assert not marker.exists()
     model, _ = load_model(str(folder), device="cpu", trust_remote_code=True)
+    assert marker.exists()
     assert type(model).__name__ == "CustomForCausalLM" and type(model).__module__.startswith("transformers_modules.")
     assert main(_eval_args(folder, "--trust-remote-code")) == 0
 
