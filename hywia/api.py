@@ -73,6 +73,7 @@ def prune(
     offload: str | None = None,
     device_map: str | dict | None = None,
     offload_folder: str | Path | None = None,
+    trust_remote_code: bool = False,
     ppl_text: str | None = "lambada",
     ppl_tokens: int = 16384,
     progress: bool = True,
@@ -91,6 +92,7 @@ def prune(
     `device_map` lets accelerate place the model instead ("auto": across the GPUs). Disk-offloaded weights go to
     `offload_folder` (default: a new temporary folder, removed when the interpreter exits, since the returned model
     reads from it; `hywia prune` removes it when the command ends). `out` may not be, hold or lie inside any input.
+    Python code shipped in a model folder runs only with `trust_remote_code`.
     """
     started = time.perf_counter()
     if not 0.0 < ratio < 1.0:
@@ -123,7 +125,7 @@ def prune(
     else:
         model_name = describe(model)
         model, tokenizer = load_model(model, device=device, dtype=dtype, offload=offload, device_map=device_map,
-                                      offload_folder=offload_folder)
+                                      offload_folder=offload_folder, trust_remote_code=trust_remote_code)
     adapter = adapter_for(model, attention)
     check_seq_len_fits(model.config, seq_len)
     layer_indices = check_plan_request(adapter, layers, ratio, allocation, round_to)

@@ -19,12 +19,18 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
 
 
+def _add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run Python code shipped in the model folder (only for a model you trust)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hywia", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("prune", help="score every head and MLP channel, remove the lowest, save the model")
     _add_model_flags(p)
+    _add_trust_flag(p)
     p.add_argument("--ratio", type=float, required=True,
                    help="share of all decoder-layer parameters to remove, in (0, 1)")
     p.add_argument("--criterion", default="hywia",
@@ -88,6 +94,7 @@ def _add_measure_flags(p: argparse.ArgumentParser, texts: str, limit: int | None
 def _add_eval_parser(commands) -> None:
     p = commands.add_parser("eval", help="perplexity and zero-shot accuracy of a dense or pruned model")
     _add_model_flags(p)
+    _add_trust_flag(p)
     _add_measure_flags(p, "lambada", None)
     p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
     p.add_argument("--out", default=None, help="write the full record as JSON to this file")
@@ -130,11 +137,11 @@ def _add_bench_parser(commands) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    import json
     from pathlib import Path
 
     from .eval.api import evaluate, format_table
     from .io import check_output, local_path, write_text_atomic
+    from .io.checks import strict_json
 
     if args.out:
         texts = [name for entry in args.ppl_text or [] for name in entry.split(",")]
@@ -143,11 +150,11 @@ def _eval(args: argparse.Namespace) -> None:
     result = evaluate(
         args.model, ppl_texts=args.ppl_text or ["lambada"], tasks=args.tasks, limit=args.limit, seed=args.seed,
         seq_len=args.seq_len, ppl_tokens=args.ppl_tokens, batch_size=args.batch_size, device=args.device,
-        dtype=args.dtype,
+        dtype=args.dtype, trust_remote_code=args.trust_remote_code,
     )
     print(format_table(result))
     if args.out:
-        write_text_atomic(Path(args.out), json.dumps(result, indent=1))
+        write_text_atomic(Path(args.out), strict_json(result, indent=1))
         print(f"saved to {args.out}")
 
 
@@ -268,6 +275,7 @@ def _add_tune_parser(commands) -> None:
                    help="also save the model with the adapter folded in to OUT/merged, reloadable like a prune folder")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     p.add_argument("--force", action="store_true", help="delete OUT first if it exists")
+    _add_trust_flag(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ppl-text", default="lambada", help="held-out text for before/after perplexity, or 'none'")
     _add_tune_flags(p)
@@ -286,7 +294,8 @@ def _tune(args: argparse.Namespace) -> None:
 
     result = tune_model(
         args.model, out=args.out, merge=args.merge, resume=args.resume, force=args.force, seed=args.seed,
-        dtype=args.dtype, ppl_text=None if args.ppl_text == "none" else args.ppl_text, **_tune_options(args),
+        dtype=args.dtype, ppl_text=None if args.ppl_text == "none" else args.ppl_text,
+        trust_remote_code=args.trust_remote_code, **_tune_options(args),
     )
     if PartialState().is_main_process:
         print_tune_summary(result.report)
@@ -312,7 +321,7 @@ def _prune(args: argparse.Namespace) -> None:
         compensate=args.compensate, round_to=args.round_to, seed=args.seed, out=args.out,
         force=args.force, device=args.device, dtype=args.dtype, importance_path=args.importance_path,
         activation_store=args.activation_store, offload=args.offload, device_map=_device_map(args.device_map),
-        offload_folder=args.offload_folder,
+        offload_folder=args.offload_folder, trust_remote_code=args.trust_remote_code,
         ppl_text=None if args.ppl_text == "none" else args.ppl_text,
     )
     if args.tune:
@@ -389,13 +398,15 @@ def _add_export_parser(commands) -> None:
     p.add_argument("--outtype", choices=list(OUTTYPES), default="f16",
                    help="tensor type of the weight matrices; vectors stay f32 (default: f16)")
     p.add_argument("--force", action="store_true", help="overwrite --gguf if it exists")
+    _add_trust_flag(p)
     p.set_defaults(run=_export)
 
 
 def _export(args: argparse.Namespace) -> None:
     from .io.gguf_export import export_gguf
 
-    result = export_gguf(args.model, args.gguf, outtype=args.outtype, force=args.force)
+    result = export_gguf(args.model, args.gguf, outtype=args.outtype, force=args.force,
+                         trust_remote_code=args.trust_remote_code)
     print(f"architecture {result.arch}, {result.tensors} tensors ({result.outtype}), tokenizer from "
           f"{result.tokenizer}, {result.file_bytes / 2**20:.1f} MiB")
     if result.unaligned_widths:

@@ -19,3 +19,7 @@ class ModelLoadError(HywiaError):
 
 class CalibrationError(HywiaError):
     """Calibration text is missing, too short, or produced non-finite gradients."""
+
+
+class NonFiniteWeightsError(HywiaError):
+    """A weight holds NaN or Inf: nothing is computed from it or written."""

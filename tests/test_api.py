@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from conftest import TINY_TEXT
 from hywia import prune
-from hywia.errors import CalibrationError, InvalidRequestError, UnsupportedModelError
+from hywia.errors import CalibrationError, InvalidRequestError, NonFiniteWeightsError, UnsupportedModelError
 
 
 @pytest.fixture
@@ -75,10 +75,35 @@ def test_short_or_empty_calibration_text(tiny_model_factory, tiny_tokenizer, tmp
         _prune(model, tiny_tokenizer, empty, ratio=0.2, ppl_text=None)
 
 
-def test_non_finite_gradients_are_reported(tiny_model_factory, tiny_tokenizer, calib_file, tmp_path):
+@pytest.mark.parametrize("path", ["layerwise", "plain"])
+def test_non_finite_loss_is_named_at_its_source(tiny_model_factory, tiny_tokenizer, calib_file, tmp_path, path):
+    """Not at the top pruned layer, where the gradient first shows it; float32 is suggested only below float32."""
     model = tiny_model_factory("llama")
     with torch.no_grad():
         model.model.layers[2].mlp.up_proj.weight[0, 0] = float("inf")
-    with pytest.raises(CalibrationError, match="non-finite"):
-        _prune(model, tiny_tokenizer, calib_file, ratio=0.2, ppl_text=None, out=tmp_path / "out")
+    with pytest.raises(CalibrationError, match="weight model.layers.2.mlp.up_proj.weight holds NaN or Inf") as error:
+        _prune(model, tiny_tokenizer, calib_file, ratio=0.2, ppl_text=None, importance_path=path,
+               out=tmp_path / "out")
+    assert "float32" not in str(error.value)
     assert not (tmp_path / "out").exists()
+    overflowing = tiny_model_factory("llama")
+    with torch.no_grad():
+        overflowing.model.layers[1].mlp.down_proj.weight.fill_(1e38)  # finite, but the layer's output is not
+    with pytest.raises(CalibrationError, match="output of model.layers.1 overflows") as error:
+        _prune(overflowing, tiny_tokenizer, calib_file, ratio=0.2, ppl_text=None, importance_path=path)
+    assert "float32" not in str(error.value)
+    with pytest.raises(CalibrationError, match="output of model.layers.1 overflows.*--dtype float32"):
+        _prune(overflowing.to(torch.bfloat16), tiny_tokenizer, calib_file, ratio=0.2, ppl_text=None,
+               importance_path=path)
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "random"])
+def test_non_finite_weights_are_never_saved(tiny_model_factory, tiny_tokenizer, calib_file, tmp_path, criterion):
+    """Gradient-free criteria never meet the NaN; the save refuses it (least squares would have spread it)."""
+    model = tiny_model_factory("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match="not saving.*model.layers.1.mlp"):
+        _prune(model, tiny_tokenizer, calib_file, ratio=0.2, criterion=criterion, ppl_text=None,
+               out=tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt"]

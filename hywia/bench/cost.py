@@ -196,8 +196,10 @@ def render_markdown(result: dict) -> str:
 
 
 def write(result: dict, out_dir: Path) -> None:
+    from ..io.checks import strict_json
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "cost.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "cost.json").write_text(strict_json(result, indent=1))
     (out_dir / "cost.md").write_text(render_markdown(result))
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import shlex
 import statistics
@@ -366,6 +365,7 @@ def benchmark_shape(name: str, model: nn.Module, description: str, settings: Spe
 def run_speed(settings: SpeedSettings, out_dir: str | Path, command: str) -> dict:
     """Benchmark every shape and write speed.json and speed.md into `out_dir`; returns the record."""
     from ..eval.api import machine
+    from ..io.checks import strict_json
 
     unknown = [s for s in settings.shapes if s not in SHAPES]
     if unknown:
@@ -385,7 +385,7 @@ def run_speed(settings: SpeedSettings, out_dir: str | Path, command: str) -> dic
         record["machine"] = machine()
     record["load_average_after"] = os.getloadavg()
     record["seconds"] = time.perf_counter() - start
-    (out / "speed.json").write_text(json.dumps(record, indent=1))
+    (out / "speed.json").write_text(strict_json(record, indent=1))
     (out / "speed.md").write_text(render_markdown(record))
     return record
 

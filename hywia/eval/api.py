@@ -105,11 +105,14 @@ def evaluate(
     batch_size: int = 8,
     device: str | None = None,
     dtype: str = "float32",
+    trust_remote_code: bool = False,
 ) -> dict:
     """Perplexity on `ppl_texts` and zero-shot accuracy on `tasks` of a live model (with its tokenizer), a folder
     or a name (None = the embedded default).
 
     `limit` evaluates a fixed subset of that many items per task, chosen by `seed` (the same items every run).
+    Python code shipped in a model folder runs only with `trust_remote_code`. Write the record with
+    `hywia.io.checks.strict_json`: a NaN perplexity (a live model with non-finite weights) becomes null there.
     """
     texts, task_names = parse_texts(ppl_texts), parse_tasks(tasks)
     if limit is not None and limit < 1:
@@ -123,7 +126,7 @@ def evaluate(
         name = getattr(model.config, "_name_or_path", "") or type(model).__name__
     else:
         name = describe(model)
-        model, tokenizer = load_model(model, device=device, dtype=dtype)
+        model, tokenizer = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     check_seq_len_fits(model.config, seq_len)
     started, cpu_started = time.perf_counter(), time.process_time()
     result = {

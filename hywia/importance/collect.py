@@ -13,6 +13,8 @@ give the same statistics:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -20,7 +22,8 @@ from tqdm.auto import tqdm
 from ..errors import InvalidRequestError
 from ..models import Adapter
 from ..offload import execution_device, is_offloaded
-from .statistics import Statistics, accumulate, activation_hooks, check_finite, lm_loss, taylor_terms
+from .statistics import (Statistics, accumulate, activation_hooks, check_finite, lm_loss, non_finite_loss_error,
+                         taylor_terms)
 from .layerwise import STORES, layerwise_gradients
 
 PATHS = ("layerwise", "plain")
@@ -60,7 +63,10 @@ def collect_statistics(
         for param in model.parameters():
             param.requires_grad_(False)
         if not gradients:
-            return _forward_only(model, batches, prefixes, activations, progress)
+            stats = _forward_only(model, batches, prefixes, activations, progress)
+            if not math.isfinite(stats.loss):
+                raise non_finite_loss_error(model, adapter, batches)
+            return stats
         if path == "plain":
             return _plain(model, adapter, layer_indices, batches, prefixes, activations, progress)
         return layerwise_gradients(model, adapter, layer_indices, batches, activations=activations,
@@ -100,11 +106,13 @@ def _plain(model: nn.Module, adapter: Adapter, layer_indices: list[int], batches
         for sample in tqdm(batches, desc="calibration", disable=not progress, leave=False):
             input_ids = sample[None].to(device)
             loss = lm_loss(model, input_ids)
+            if not torch.isfinite(loss):
+                raise non_finite_loss_error(model, adapter, batches)
             loss.backward()
             for name, param in tracked.items():
                 grad = param.grad.detach().float()
                 param.grad = None
-                check_finite(name, grad)
+                check_finite(name, grad, param.dtype)
                 accumulate(stats.grad, name, grad)
                 accumulate(stats.fisher, name, grad.square())
             total_loss += loss.item()

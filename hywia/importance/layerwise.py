@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -37,7 +38,8 @@ from ..errors import UnsupportedModelError
 from ..io import tempfiles
 from ..models import Adapter, GroupSpec
 from ..offload import execution_device, resident
-from .statistics import Statistics, TaylorTerms, activation_hooks, check_finite, lm_loss, taylor_terms
+from .statistics import (Statistics, TaylorTerms, activation_hooks, check_finite, lm_loss, non_finite_loss_error,
+                         taylor_terms)
 
 STORES = ("auto", "memory", "disk")
 UPSTREAM = "upstream"
@@ -162,6 +164,8 @@ def layerwise_gradients(
         prefixes = [adapter.layer_name(i) + "." for i in layer_indices] if activations else []
         calls, arity = capture_layer_inputs(model, layers, low, high, batches, acts, stats, prefixes, bar)
         _top(model, layers, high, batches, acts, stats, arity, bar)
+        if not math.isfinite(stats.loss):  # checked here: the top layer's gradient would show it, misnamed
+            raise non_finite_loss_error(model, adapter, batches)
         _release_freed_memory()
         for index in range(high, low - 1, -1):
             specs = adapter.group_specs(layers[index]) if index in layer_indices else []
@@ -346,7 +350,7 @@ def _layer(
         for key in params:
             sums[key] /= len(calls)
             squares[key] /= len(calls)
-            check_finite(f"{name}.{key}", sums[key])
+            check_finite(f"{name}.{key}", sums[key], params[key].dtype)
         return {
             spec.kind: taylor_terms(spec, ((s, params[s.param].detach().float(), sums[s.param], squares[s.param])
                                            for s in spec.slices))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Iterable, Iterator
 
 import torch
@@ -16,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CalibrationError
-from ..models import GroupSpec, TensorSlice
+from ..io.checks import first_non_finite
+from ..models import Adapter, GroupSpec, TensorSlice
+from ..offload import execution_device
 from .base import LayerKind, blocks
 
 
@@ -81,10 +84,48 @@ def taylor_terms(
     return TaylorTerms(**terms)
 
 
-def check_finite(name: str, grad: torch.Tensor) -> None:
-    """Refuse a non-finite gradient: it would silently turn every score of its layer into NaN."""
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def check_finite(name: str, grad: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuse a non-finite gradient of the weight `name` (held in `dtype`): it would silently turn every score of
+    its layer into NaN. Called once the loss was finite, so the backward pass itself overflowed there."""
     if not torch.isfinite(grad).all():
-        raise CalibrationError(f"non-finite gradient in {name}; try --dtype float32 or other calibration text")
+        raise CalibrationError(f"non-finite gradient in {name} (the loss was finite){_hint(dtype)}")
+
+
+def non_finite_loss_error(model: nn.Module, adapter: Adapter, batches: torch.Tensor) -> CalibrationError:
+    """Why the calibration loss is NaN or Inf, named at its source rather than where the gradient first shows it
+    (the top pruned layer): a non-finite weight, else the first layer whose output overflows on some sample."""
+    found = first_non_finite(model)
+    if found is not None:
+        return CalibrationError(f"non-finite loss: weight {found[0]} holds NaN or Inf values")
+    dtype = next(model.parameters()).dtype
+    first: list[int] = []
+
+    def watch(module: nn.Module, args: tuple, output, index: int) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        if not first and not torch.isfinite(hidden).all():
+            first.append(index)
+
+    handles = [layer.register_forward_hook(partial(watch, index=i)) for i, layer in enumerate(adapter.layers())]
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                model(input_ids=ids[None].to(execution_device(model)), use_cache=False)
+                if first:
+                    return CalibrationError(f"non-finite loss: the output of {adapter.layer_name(first[0])} overflows "
+                                            f"to NaN or Inf on the calibration text{_hint(dtype)}")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return CalibrationError(f"non-finite loss after the decoder layers (final norm or output head){_hint(dtype)}")
+
+
+def _hint(dtype: torch.dtype) -> str:
+    """What to try: float32 only helps a model held in lower precision."""
+    return "; try --dtype float32 or other calibration text" if dtype in LOW_PRECISION else \
+        "; try other calibration text"
 
 
 @contextmanager

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from ..data.assets import MissingAssetError, smollm2_gguf
-from ..errors import InvalidRequestError, UnsupportedModelError
+from ..errors import InvalidRequestError, NonFiniteWeightsError, UnsupportedModelError
 from ..models import adapter_for
 from ..models.pruned import base_class
+from .checks import all_finite
 from .load import load_model
 from . import tempfiles
 from .save import check_output, local_path
@@ -73,19 +74,23 @@ class _Tensor:
         return data.contiguous().numpy()
 
 
-def export_gguf(model: str | None, out: str | Path, *, outtype: str = "f16", force: bool = False) -> GGUFExport:
-    """Write `model` (a local HF folder, hub name or embedded name) to the GGUF file `out`, atomically."""
+def export_gguf(model: str | None, out: str | Path, *, outtype: str = "f16", force: bool = False,
+                trust_remote_code: bool = False) -> GGUFExport:
+    """Write `model` (a local HF folder, hub name or embedded name) to the GGUF file `out`, atomically.
+
+    Python code shipped in the folder runs only with `trust_remote_code`."""
     if outtype not in OUTTYPES:
         raise InvalidRequestError(f"unknown --outtype {outtype!r}; use one of {', '.join(OUTTYPES)}")
     out = Path(out)
     check_output(out, force, inputs={"--model": local_path(model)}, file=True)
-    hf_model, tokenizer = load_model(model, device="cpu", dtype="float32")
+    hf_model, tokenizer = load_model(model, device="cpu", dtype="float32", trust_remote_code=trust_remote_code)
     config = hf_model.config
     family = base_class(type(hf_model)).__name__
     _check_supported(hf_model, family)
     widths = [adapter_for(hf_model).widths(layer) for layer in hf_model.model.layers]
     arch = choose_arch(family, widths, config, pruned=getattr(config, "hywia_layers", None) is not None)
     tensors = _tensors(hf_model, widths, arch, OUTTYPES[outtype][0])
+    _check_representable(tensors, outtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfiles.sibling_name(out)
@@ -202,6 +207,17 @@ def _tensors(model, widths: list[dict], arch: gguf.MODEL_ARCH, qtype: gguf.GGMLQ
         name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
         tensors.append(_Tensor(name, rope_factors, gguf.GGMLQuantizationType.F32))
     return tensors
+
+
+def _check_representable(tensors: list[_Tensor], outtype: str) -> None:
+    """Refuse, before the file is opened, a tensor that the GGUF would hold as Inf or NaN: a non-finite weight, or
+    a value beyond float16's range in a tensor written as f16."""
+    for t in tensors:
+        if not all_finite(t.source):
+            raise NonFiniteWeightsError(f"tensor {t.name} holds NaN or Inf values: not exporting it")
+        if t.qtype == gguf.GGMLQuantizationType.F16 and not all_finite(t.source.detach().half()):
+            raise InvalidRequestError(f"tensor {t.name} holds values beyond float16's range (+-65504), which f16 "
+                                      f"turns into Inf; export with --outtype bf16 or f32 (asked: {outtype})")
 
 
 def _tensor_qtype(param: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:

@@ -8,6 +8,7 @@ Weights load from safetensors only: no pickle. A GGUF-loaded model keeps a quant
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -16,8 +17,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from ..data.assets import cache_dir, package_dir, smollm2_gguf
 from ..errors import ModelLoadError
-from ..offload import loading_device_map
+from ..offload import check_device, loading_device_map
 from . import tempfiles
+from .checks import (check_finite_weights, check_loading_info, check_shapes, meta_model, needs_remote_code,
+                     read_config, safetensors_shapes)
 from .save import atomic_dir
 
 
@@ -93,49 +96,111 @@ def load_model(
     offload: str | None = None,
     device_map: str | dict | None = None,
     offload_folder: str | Path | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, object]:
     """(model, tokenizer) from an embedded name (default SmolLM2-135M), a local HF folder or a hub name.
 
     With `offload` ("cpu" or "disk") the decoder layers wait there and stream through `device` one at a time;
     `device_map` hands placement to accelerate ("auto" across the GPUs, or an explicit map). What goes to disk
     goes to `offload_folder` (default: a new temporary folder, removed at interpreter exit: the model reads from it).
+
+    Python code shipped in a model folder runs only with `trust_remote_code`; hywia's pruned folders need none.
+    The folder, the device and the placement are checked before any weight is read, the loaded tensors against
+    the config, and the weights for NaN and Inf: each fault ends in one HywiaError line.
     """
     import hywia.models  # noqa: F401  (registers the pruned classes before Auto classes resolve a config)
 
     name = name_or_path or DEFAULT_MODEL
     torch_dtype = resolve_dtype(dtype)
     path = embedded_model_dir(name) if name in EMBEDDED else Path(name)
+    shapes = {}
     if name not in EMBEDDED and (path.exists() or name.startswith((".", "/", "~"))):
-        _check_folder(path)
+        shapes = _check_folder(path, trust_remote_code)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     placed = offload is not None or device_map is not None
+    created = tempfiles.temp_dir("offload") if placed and offload_folder is None else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        placement = {}
-        if placed:
-            config = AutoConfig.from_pretrained(path)
-            folder = offload_folder or tempfiles.temp_dir("offload")
-            placement = dict(offload_folder=str(folder), device_map=loading_device_map(
-                config, offload=offload, device_map=device_map, device=device))
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True, **placement)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load model {name!r}: {first_line}") from exc
+        model, tokenizer = _load(name, path, shapes, torch_dtype, device, offload, device_map,
+                                 (offload_folder or created) if placed else None, trust_remote_code)
+    except BaseException:
+        if created is not None:  # a refused model leaves no copy of its weights behind
+            tempfiles.release(created)
+        raise
     return (model if placed else model.to(device)).eval(), tokenizer
 
 
-def _check_folder(path: Path) -> None:
+def _load(name: str, path: Path, shapes: dict, torch_dtype: torch.dtype, device: str, offload: str | None,
+          device_map: str | dict | None, offload_folder: str | Path | None, trust_remote_code: bool):
+    """`load_model` past its checks of the arguments: the tokenizer, the config checked against the weights'
+    headers and the placement, the weights, then the loaded tensors and their values. An `offload_folder` means
+    the model is placed by `offload` or `device_map`."""
+    trust = {"trust_remote_code": trust_remote_code}
+    report = _HeldLoadReport()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **trust)
+        config = AutoConfig.from_pretrained(path, **trust)
+        placement = {}
+        if shapes or offload_folder is not None:
+            skeleton = meta_model(config, trust_remote_code)
+            check_shapes(skeleton, shapes, path)
+            if offload_folder is not None:
+                placement = dict(offload_folder=str(offload_folder), device_map=loading_device_map(
+                    skeleton, offload=offload, device_map=device_map, device=device))
+            del skeleton
+        with report:
+            model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype,
+                                                               use_safetensors=True, output_loading_info=True,
+                                                               **placement, **trust)
+    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as exc:
+        report.release()  # a RuntimeError of transformers points at its report
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "trust_remote_code" in str(exc):
+            first_line = f"it ships its own Python code; pass --trust-remote-code if you trust it ({first_line})"
+        raise ModelLoadError(f"cannot load model {name!r}: {first_line}") from exc
+    check_loading_info(info, repr(name))
+    report.release()
+    check_finite_weights(model, f"cannot load model {name!r}")
+    return model, tokenizer
+
+
+class _HeldLoadReport(logging.Filter):
+    """Holds back transformers' loading report while the weights load. A refused checkpoint ends in hywia's one
+    line instead (the report would call its missing tensors "newly initialized" and go on); an accepted one, or a
+    failure whose message refers to the report, gets it shown afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logger = logging.getLogger("transformers.modeling_utils")
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.held.append(record)
+            return False
+        return True
+
+    def __enter__(self) -> None:
+        self.logger.addFilter(self)
+
+    def __exit__(self, *exc_info) -> None:
+        self.logger.removeFilter(self)
+
+    def release(self) -> None:
+        for record in self.held:
+            self.logger.handle(record)
+        self.held.clear()
+
+
+def _check_folder(path: Path, trust_remote_code: bool) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """A local model folder, checked from its config and safetensors headers alone; returns the tensor shapes."""
     if not path.is_dir():
         raise ModelLoadError(f"model folder not found: {path}")
-    config = path / "config.json"
-    if not config.is_file():
-        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model folder")
-    try:
-        json.loads(config.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{config} is not valid JSON (corrupt model folder)") from exc
+    config = read_config(path)
+    if needs_remote_code(config) and not trust_remote_code:
+        raise ModelLoadError(f"{path} needs its own Python code to load (auto_map in config.json); pass "
+                             "--trust-remote-code (trust_remote_code=True) if you trust it")
     if not any(path.glob("*.safetensors")):
         hint = " (only pickle .bin weights found; convert them to safetensors)" if any(path.glob("*.bin")) else ""
         raise ModelLoadError(f"{path} holds no .safetensors weights{hint}")
-
-
+    return safetensors_shapes(path)

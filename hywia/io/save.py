@@ -13,6 +13,7 @@ from typing import Iterator, Mapping
 
 from ..errors import InvalidRequestError
 from . import remote_code, tempfiles
+from .checks import check_finite_weights, strict_json
 
 
 def check_output(
@@ -112,7 +113,9 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def save_model(model, tokenizer, out: Path, *, extra_json: dict[str, dict] | None = None, force: bool = False) -> Path:
-    """Model (safetensors + config with per-layer widths), tokenizer and JSON side files, atomically."""
+    """Model (safetensors + config with per-layer widths), tokenizer and JSON side files, atomically; a model with
+    NaN or Inf weights is refused before anything is written."""
+    check_finite_weights(model, f"not saving to {out}")
     with atomic_dir(Path(out), force=force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         # the class attribute: a config read from config.json keeps the family's model_type on the instance
@@ -121,7 +124,7 @@ def save_model(model, tokenizer, out: Path, *, extra_json: dict[str, dict] | Non
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, payload in (extra_json or {}).items():
-            (tmp / name).write_text(json.dumps(payload, indent=2))
+            (tmp / name).write_text(strict_json(payload, indent=2))
     return Path(out)
 
 

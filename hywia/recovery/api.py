@@ -36,6 +36,7 @@ from ..api import peak_rss_mb, prune, prune_inputs
 from ..errors import InvalidRequestError
 from ..eval.perplexity import heldout_windows, perplexity
 from ..io import check_output, describe, load_model, local_path, save_model, write_text_atomic
+from ..io.checks import strict_json
 from .data import build_examples, read_conversations, read_sharegpt
 from .lora import merge as merge_adapter
 from .lora import tune as train_lora
@@ -77,6 +78,7 @@ def tune_model(
     ppl_text: str | None = "lambada",
     ppl_seq_len: int = 128,
     ppl_tokens: int = 16384,
+    trust_remote_code: bool = False,
     progress: bool = True,
 ) -> TuneResult:
     """LoRA-tune `model` (a pruned folder, or a live model + tokenizer) on instruction data; write OUT (see above).
@@ -109,7 +111,8 @@ def tune_model(
     else:
         model_name = describe(str(model))
         base_dir = Path(model) if Path(model).is_dir() else None
-        model, tokenizer = load_model(str(model), device=str(state.device), dtype=dtype)
+        model, tokenizer = load_model(str(model), device=str(state.device), dtype=dtype,
+                                      trust_remote_code=trust_remote_code)
     try:
         examples = build_examples(tokenizer, conversations, cutoff_len)
     except ValueError as exc:
@@ -309,7 +312,7 @@ def checkpoint_problem(folder: Path) -> str | None:
 
 def _write_json(path: Path, payload: dict) -> None:
     """Replace a JSON file in one step, so a reader never sees half of it."""
-    write_text_atomic(path, json.dumps(payload, indent=2))
+    write_text_atomic(path, strict_json(payload, indent=2))
 
 
 class ProgressPrinter(TrainerCallback):

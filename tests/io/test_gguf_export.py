@@ -27,7 +27,7 @@ from hywia.pruning import allocate_uniform, apply_plan, select
 LLAMA_CPP_REASON = "llama-cpp-python is not installed (pip install -r requirements-llamacpp.txt builds llama.cpp)"
 
 
-def _prune_layers(model, layers: list[int], ratio: float = 0.4, attention: str = "heads"):
+def _prune_layers(model, layers: list[int], ratio: float = 0.3, attention: str = "heads"):
     """Prune only `layers` (random scores), so the widths differ between layers unless all are listed."""
     adapter = adapter_for(model, attention)
     keep = allocate_uniform(adapter, layers, ratio)
