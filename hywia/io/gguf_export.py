@@ -25,6 +25,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..data.assets import MissingAssetError, smollm2_gguf
 from ..errors import InvalidRequestError, UnsupportedModelError
@@ -81,19 +82,18 @@ def export_gguf(model: str | None, out: str | Path, *, outtype: str = "f16", for
         raise InvalidRequestError(f"unknown --outtype {outtype!r}; use one of {', '.join(OUTTYPES)}")
     out = Path(out)
     check_output(out, force)
+    _check_folder_before_loading(model)
     hf_model, tokenizer = load_model(model, device="cpu", dtype="float32")
-    config = hf_model.config
     adapter = adapter_for(hf_model)
     widths = [adapter.widths(layer) for layer in adapter.layers()]
-    arch = choose_arch(adapter.gguf_mapping(), widths, config, pruned=getattr(config, "hywia_layers", None) is not None,
-                       family=base_class(type(hf_model)).__name__)
+    arch = _arch_of(adapter, widths)
     tensors = _tensors(adapter, widths, arch, OUTTYPES[outtype][0])
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
     try:
-        _add_hparams(writer, adapter, widths, arch, OUTTYPES[outtype][1], name=_model_name(model, config))
+        _add_hparams(writer, adapter, widths, arch, OUTTYPES[outtype][1], name=_model_name(model, hf_model.config))
         source = _add_tokenizer(writer, tokenizer, hf_model.get_input_embeddings().weight.shape[0])
         for t in tensors:
             shape = tuple(t.source.shape)
@@ -111,6 +111,28 @@ def export_gguf(model: str | None, out: str | Path, *, outtype: str = "f16", for
         tmp.unlink(missing_ok=True)
     unaligned = sorted({w["intermediate_size"] for w in widths if w["intermediate_size"] % ALIGN})
     return GGUFExport(out, gguf.MODEL_ARCH_NAMES[arch], outtype, source, len(tensors), out.stat().st_size, unaligned)
+
+
+def _check_folder_before_loading(model: str | None) -> None:
+    """Refuse a local folder llama.cpp cannot express from its config alone (a weightless skeleton on the meta
+    device gives the adapter its layers), before gigabytes of weights load; anything else is load_model's to judge."""
+    folder = Path(model) if model else None
+    if folder is None or not (folder / "config.json").is_file():
+        return
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError):
+        return  # load_model reports what is wrong with the folder
+    adapter = adapter_for(skeleton)
+    _arch_of(adapter, [adapter.widths(layer) for layer in adapter.layers()])
+
+
+def _arch_of(adapter: Adapter, widths: list[dict]) -> gguf.MODEL_ARCH:
+    config = adapter.model.config
+    return choose_arch(adapter.gguf_mapping(), widths, config, pruned=getattr(config, "hywia_layers", None) is not None,
+                       family=base_class(type(adapter.model)).__name__)
 
 
 def choose_arch(mapping: GGUFMapping, widths: list[dict], config, *, pruned: bool, family: str) -> gguf.MODEL_ARCH:

@@ -1,7 +1,8 @@
-"""Model families: adapters (where the groups live) and the pruned-model classes.
+"""Model families: adapters (where the groups live, LoRA targets, modeling code, GGUF mapping) and pruned classes.
 
 Every module of this package is imported here, so a new family is one new file that registers its adapter
-(`@register_adapter`) and its pruned classes (`pruned_classes`).
+(`@register_adapter`) and its pruned classes (`pruned_classes`); its adapter names the self-contained modeling file
+in `remote/` that its pruned folders carry. No other part of hywia lists families: the steps ask the adapter.
 """
 
 import importlib

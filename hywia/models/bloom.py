@@ -20,8 +20,8 @@ from .remote.hywia_bloom import refresh_layer, resize_layer
 from .surgery import keep_groups
 
 GGUF_REFUSAL = (
-    "GGUF export does not write Bloom: llama.cpp derives each head's ALiBi slope from the layer's head count, so "
-    "a layer that lost heads cannot keep its heads' slopes, and no prune option keeps every head; run the pruned "
+    "GGUF export does not write Bloom: llama.cpp derives each head's ALiBi slope from the layer's head count, so a "
+    "layer that lost heads cannot keep its own heads' slopes, and no prune option avoids that; run the pruned "
     "folder with transformers"
 )
 
