@@ -169,7 +169,8 @@ ARCHS = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 
 
 def _check_block(config, family: str) -> None:
-    """What every written architecture (llama, deci, qwen2, qwen3) shares: a SiLU-gated MLP and plain rope."""
+    """What every written architecture (llama, deci, qwen2, qwen3) shares: a SiLU-gated MLP and plain rope over
+    every dimension of a head (Phi-4-mini's partial rotary factor is not expressed)."""
     if config.hidden_act != "silu":
         raise UnsupportedModelError(f"GGUF export needs the SiLU-gated MLP of the LLaMA block; {family} has "
                                     f"{config.hidden_act}")
@@ -177,6 +178,9 @@ def _check_block(config, family: str) -> None:
         raise UnsupportedModelError(
             f"GGUF export supports rope types {', '.join(ROPE_TYPES)}; got {_rope_type(config)!r}"
         )
+    rotary = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+    if rotary != 1.0:
+        raise UnsupportedModelError(f"GGUF export needs rope on whole heads; {family} rotates {rotary} of each head")
 
 
 def _rope_type(config) -> str:

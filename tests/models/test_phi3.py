@@ -7,7 +7,7 @@ import torch
 
 import hywia  # noqa: F401  (registers the pruned classes)
 from family_checks import check_generate_matches_forward, check_removal_equals_zeroing, tiny_family_model
-from hywia.errors import InvalidRequestError
+from hywia.errors import InvalidRequestError, UnsupportedModelError
 from hywia.io import save_model
 from hywia.io.gguf_export import export_gguf
 from hywia.models import adapter_for
@@ -63,3 +63,13 @@ def test_gguf_splits_the_fused_projections(tiny_tokenizer, tmp_path):
     np.testing.assert_array_equal(tensors["blk.1.attn_v.weight"], qkv[3 * D:].numpy())  # q: 2 heads, k: 1, v: 1
     np.testing.assert_array_equal(tensors["blk.1.ffn_gate.weight"], gate_up[: MLP // 2].numpy())
     np.testing.assert_array_equal(tensors["blk.1.ffn_up.weight"], gate_up[MLP // 2:].numpy())
+
+
+def test_gguf_refuses_partial_rotary_heads(tiny_tokenizer, tmp_path):
+    """Phi-4-mini (a Phi3ForCausalLM) rotates 3/4 of each head: the llama block cannot say so."""
+    model = tiny_family_model("phi3")
+    model.config.rope_parameters = {**model.config.rope_parameters, "partial_rotary_factor": 0.75}
+    save_model(apply_plan(model, PruningPlan("kv", {1: {"kv": [1]}})), tiny_tokenizer, tmp_path / "model")
+    with pytest.raises(UnsupportedModelError, match="rotates 0.75 of each head"):
+        export_gguf(str(tmp_path / "model"), tmp_path / "model.gguf")
+    assert not (tmp_path / "model.gguf").exists()
