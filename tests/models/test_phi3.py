@@ -42,7 +42,7 @@ def test_query_heads_go_the_same_number_per_kv_group():
         apply_plan(tiny_family_model("phi3"), PruningPlan("heads", {0: {"head": [0, 1]}}))
 
 
-def test_whole_kv_groups_and_mlp_channels_go(tiny_tokenizer, tmp_path):
+def test_whole_kv_groups_and_mlp_channels_go():
     model = tiny_family_model("phi3")
     plan = PruningPlan("kv", {1: {"kv": [1], "mlp": list(range(0, MLP, 2))}})
     pruned = check_removal_equals_zeroing(model, plan)

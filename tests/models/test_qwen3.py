@@ -8,8 +8,8 @@ import hywia  # noqa: F401  (registers the pruned classes)
 from family_checks import check_generate_matches_forward, check_removal_equals_zeroing, tiny_family_model
 from hywia.io import save_model
 from hywia.io.gguf_export import export_gguf
-from hywia.pruning import PruningPlan, allocate_uniform, apply_plan, select
 from hywia.models import adapter_for
+from hywia.pruning import PruningPlan, allocate_uniform, apply_plan, select
 
 
 def test_head_norms_stay_whole_when_heads_go():
