@@ -193,3 +193,26 @@ def check_gguf_layers(path, model) -> None:
                 ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")} == {
             "attn_q": [64, q], "attn_k": [64, kv], "attn_v": [64, kv], "attn_output": [q, 64],
             "ffn_gate": [64, mlp], "ffn_up": [64, mlp], "ffn_down": [mlp, 64]}
+
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_llama_cpp_runs_the_export(case, pruned, tmp_path):
+    """Where llama-cpp-python is installed (requirements-llamacpp.txt builds llama.cpp), llama.cpp's logits of each
+    written f32 file equal transformers' (f32 KV cache, one forward over every position); skipped otherwise."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    folder, result = pruned(case)
+    mapping = adapter_for(result.model).gguf_mapping()
+    if mapping.refusal:
+        pytest.skip("llama.cpp cannot express this family")
+    if not mapping.llama_block:
+        folder, result = pruned(case, allocation="uniform", compensate="none")
+    path = tmp_path / "model.gguf"
+    assert main(["export", "--model", str(folder), "--gguf", str(path), "--outtype", "f32"]) == 0
+    tokens = ids(1, 48, seed=2)[0].tolist()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, n_threads=1,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
+    llm.eval(tokens)
+    scores = np.array(llm.scores[: len(tokens)])
+    llm.close()
+    np.testing.assert_allclose(scores, logits(result.model, torch.tensor([tokens]))[0].numpy(), atol=1e-4, rtol=0)
