@@ -1,10 +1,13 @@
 """GGUF export: a pruned (or dense) model as one file that llama.cpp, llama-cpp-python, Ollama and LM Studio run.
 
-llama.cpp's `llama` architecture gives every layer the same widths, so a model pruned unevenly is written as `deci`
-(the Llama-3.1-Nemotron-NAS block), whose head counts and MLP width are per-layer arrays; an evenly shaped model
-stays `llama`, and an unpruned Qwen2 stays `qwen2`. Tensor names come from the gguf package's own mapping. llama.cpp
-rotates consecutive pairs of a head's dimensions while transformers rotates its two halves, so q/k rows (and
-biases) are interleaved per head with each layer's own head counts; `qwen2` rotates halves and needs no reordering.
+What llama.cpp can express is the family's knowledge (its adapter's `gguf_mapping`). A family whose layers are
+llama.cpp's llama block (after `llama_tensors` splits fused projections) is written as `llama` when every layer has
+the same widths and as `deci` (the Llama-3.1-Nemotron-NAS block, whose head counts and MLP width are per-layer
+arrays) otherwise; its unpruned model may keep its native architecture (Qwen2: `qwen2`). Any other family is
+written in its native architecture when every layer keeps the same widths, or refused with the prune options that
+make it exportable. Tensor names come from the gguf package's own mapping. llama.cpp's llama block rotates
+consecutive pairs of a head's dimensions while transformers rotates its two halves, so q/k rows (and biases) are
+interleaved per head with each layer's own head counts; the native `qwen2`/`qwen3` rotate halves as they are.
 
 The tokenizer comes from the model folder's tokenizer.json (byte-level BPE). When that vocabulary is the one of the
 embedded SmolLM2 GGUF, its tokenizer metadata is copied verbatim instead: transformers' GGUF conversion dropped
@@ -21,12 +24,13 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from transformers import AutoConfig
 
 from ..data.assets import MissingAssetError, smollm2_gguf
 from ..errors import InvalidRequestError, NonFiniteWeightsError, UnsupportedModelError
-from ..models import adapter_for
+from ..models import Adapter, GGUFMapping, adapter_for
 from ..models.pruned import base_class
-from .checks import all_finite
+from .checks import all_finite, meta_model
 from .load import load_model
 from . import tempfiles
 from .save import check_output, local_path
@@ -37,7 +41,6 @@ OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
     "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
-FAMILIES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 ROPE_TYPES = ("default", "linear", "llama3")  # fixed per-dimension frequencies: expressible as rope_freqs
 
 # llama.cpp's pre-tokenizer names for the byte-level BPE pre-tokenizers of tokenizer.json that we recognise
@@ -83,20 +86,19 @@ def export_gguf(model: str | None, out: str | Path, *, outtype: str = "f16", for
         raise InvalidRequestError(f"unknown --outtype {outtype!r}; use one of {', '.join(OUTTYPES)}")
     out = Path(out)
     check_output(out, force, inputs={"--model": local_path(model)}, file=True)
+    _check_folder_before_loading(model, trust_remote_code)
     hf_model, tokenizer = load_model(model, device="cpu", dtype="float32", trust_remote_code=trust_remote_code)
-    config = hf_model.config
-    family = base_class(type(hf_model)).__name__
-    _check_supported(hf_model, family)
-    widths = [adapter_for(hf_model).widths(layer) for layer in hf_model.model.layers]
-    arch = choose_arch(family, widths, config, pruned=getattr(config, "hywia_layers", None) is not None)
-    tensors = _tensors(hf_model, widths, arch, OUTTYPES[outtype][0])
+    adapter = adapter_for(hf_model)
+    widths = [adapter.widths(layer) for layer in adapter.layers()]
+    arch = _arch_of(adapter, widths)
+    tensors = _tensors(adapter, widths, arch, OUTTYPES[outtype][0])
     _check_representable(tensors, outtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfiles.sibling_name(out)
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
     try:
-        _add_hparams(writer, hf_model, widths, arch, OUTTYPES[outtype][1], name=_model_name(model, config))
+        _add_hparams(writer, adapter, widths, arch, OUTTYPES[outtype][1], name=_model_name(model, hf_model.config))
         source = _add_tokenizer(writer, tokenizer, hf_model.get_input_embeddings().weight.shape[0])
         for t in tensors:
             shape = tuple(t.source.shape)
@@ -116,12 +118,45 @@ def export_gguf(model: str | None, out: str | Path, *, outtype: str = "f16", for
     return GGUFExport(out, gguf.MODEL_ARCH_NAMES[arch], outtype, source, len(tensors), out.stat().st_size, unaligned)
 
 
-def choose_arch(family: str, widths: list[dict], config, *, pruned: bool) -> gguf.MODEL_ARCH:
-    """`llama` (or `qwen2` for an unpruned Qwen2) when every layer has the same widths, else `deci`."""
-    counts = [(w["num_attention_heads"], w["num_key_value_heads"], w["intermediate_size"]) for w in widths]
-    if family == "Qwen2ForCausalLM" and not pruned and _rope_type(config) == "default":
-        return gguf.MODEL_ARCH.QWEN2
-    return gguf.MODEL_ARCH.LLAMA if len(set(counts)) == 1 else gguf.MODEL_ARCH.DECI
+def _check_folder_before_loading(model: str | None, trust_remote_code: bool) -> None:
+    """Refuse a local folder llama.cpp cannot express from its config alone (a weightless skeleton on the meta
+    device gives the adapter its layers), before gigabytes of weights load; anything else is load_model's to judge."""
+    folder = Path(model) if model else None
+    if folder is None or not (folder / "config.json").is_file():
+        return
+    try:
+        skeleton = meta_model(AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code),
+                              trust_remote_code)
+    except (OSError, ValueError, KeyError):
+        return  # load_model reports what is wrong with the folder
+    adapter = adapter_for(skeleton)
+    _arch_of(adapter, [adapter.widths(layer) for layer in adapter.layers()])
+
+
+def _arch_of(adapter: Adapter, widths: list[dict]) -> gguf.MODEL_ARCH:
+    config = adapter.model.config
+    return choose_arch(adapter.gguf_mapping(), widths, config, pruned=getattr(config, "hywia_layers", None) is not None,
+                       family=base_class(type(adapter.model)).__name__)
+
+
+def choose_arch(mapping: GGUFMapping, widths: list[dict], config, *, pruned: bool, family: str) -> gguf.MODEL_ARCH:
+    """The llama.cpp architecture that expresses these layers (see the module docstring), or the refusal."""
+    if mapping.refusal:
+        raise UnsupportedModelError(mapping.refusal)
+    _check_block(config, family)
+    counts = {(w["num_attention_heads"], w["num_key_value_heads"], w["intermediate_size"]) for w in widths}
+    uniform = len(counts) == 1
+    native = ARCHS[mapping.native_arch] if mapping.native_arch else None
+    if mapping.llama_block:
+        if native is not None and not pruned and _rope_type(config) == "default":
+            return native
+        return gguf.MODEL_ARCH.LLAMA if uniform else gguf.MODEL_ARCH.DECI
+    if native is not None and uniform and not any(w.get("added_biases") for w in widths):
+        return native
+    raise UnsupportedModelError(
+        f"GGUF export writes {family} as llama.cpp's {mapping.native_arch}, which needs the same widths in every "
+        f"layer and no added biases; prune with --allocation uniform --layers 0:{len(widths)} --compensate none"
+    )
 
 
 def permute_rope_rows(rows: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -134,18 +169,22 @@ def permute_rope_rows(rows: torch.Tensor, n_heads: int) -> torch.Tensor:
     return rows.reshape(n_heads, 2, head_dim // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
 
 
-def _check_supported(model, family: str) -> None:
-    config = model.config
-    if family not in FAMILIES:
-        raise UnsupportedModelError(
-            f"GGUF export supports {', '.join(FAMILIES)} (pruned or not); got {family}"
-        )
+ARCHS = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+
+
+def _check_block(config, family: str) -> None:
+    """What every written architecture (llama, deci, qwen2, qwen3) shares: a SiLU-gated MLP and plain rope over
+    every dimension of a head (Phi-4-mini's partial rotary factor is not expressed)."""
     if config.hidden_act != "silu":
-        raise UnsupportedModelError(f"GGUF export needs the SiLU-gated MLP of the LLaMA block; got {config.hidden_act}")
+        raise UnsupportedModelError(f"GGUF export needs the SiLU-gated MLP of the LLaMA block; {family} has "
+                                    f"{config.hidden_act}")
     if _rope_type(config) not in ROPE_TYPES:
         raise UnsupportedModelError(
             f"GGUF export supports rope types {', '.join(ROPE_TYPES)}; got {_rope_type(config)!r}"
         )
+    rotary = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+    if rotary != 1.0:
+        raise UnsupportedModelError(f"GGUF export needs rope on whole heads; {family} rotates {rotary} of each head")
 
 
 def _rope_type(config) -> str:
@@ -156,10 +195,10 @@ def _model_name(model: str | None, config) -> str:
     return Path(model).name if model and Path(model).exists() else str(model or config.name_or_path)
 
 
-def _add_hparams(writer: gguf.GGUFWriter, model, widths: list[dict], arch: gguf.MODEL_ARCH,
+def _add_hparams(writer: gguf.GGUFWriter, adapter: Adapter, widths: list[dict], arch: gguf.MODEL_ARCH,
                  file_type: gguf.LlamaFileType, name: str) -> None:
-    config = model.config
-    head_dim = model.model.layers[0].self_attn.head_dim
+    model, config = adapter.model, adapter.model.config
+    head_dim = adapter.layers()[0].self_attn.head_dim
     heads = [w["num_attention_heads"] for w in widths]
     kv_heads = [w["num_key_value_heads"] for w in widths]
     mlp = [w["intermediate_size"] for w in widths]
@@ -185,23 +224,31 @@ def _add_hparams(writer: gguf.GGUFWriter, model, widths: list[dict], arch: gguf.
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _tensors(model, widths: list[dict], arch: gguf.MODEL_ARCH, qtype: gguf.GGMLQuantizationType) -> list[_Tensor]:
-    """Every weight under its llama.cpp name, q/k rows reordered where the architecture's rope needs it."""
+def _tensors(adapter: Adapter, widths: list[dict], arch: gguf.MODEL_ARCH,
+             qtype: gguf.GGMLQuantizationType) -> list[_Tensor]:
+    """Every weight under its llama.cpp name (fused projections split for the llama block), q/k rows reordered
+    where the architecture's rope needs it."""
+    model = adapter.model
     names = gguf.get_tensor_name_map(arch, len(widths))
-    interleave = arch != gguf.MODEL_ARCH.QWEN2
+    llama_block = arch in (gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.DECI)
     tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    layer_of = {adapter.layer_name(i) + ".": i for i in range(len(widths))}
     tensors = []
-    for hf_name, param in model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
+    for full_name, full_param in model.state_dict().items():
+        if tied and full_name == "lm_head.weight":
             continue  # llama.cpp reuses token_embd when output.weight is absent
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise UnsupportedModelError(f"no GGUF name for tensor {hf_name}")
-        rope_heads = None
-        if interleave and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
-            layer = widths[int(hf_name.split(".")[2])]
-            rope_heads = layer["num_attention_heads" if ".q_proj." in hf_name else "num_key_value_heads"]
-        tensors.append(_Tensor(name, param, _tensor_qtype(param, qtype), rope_heads))
+        index = next((i for prefix, i in layer_of.items() if full_name.startswith(prefix)), None)
+        parts = {full_name: full_param}
+        if llama_block and index is not None:
+            parts = adapter.llama_tensors(full_name, full_param, widths[index])
+        for hf_name, param in parts.items():
+            name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if name is None:
+                raise UnsupportedModelError(f"no GGUF name for tensor {hf_name}")
+            rope_heads = None
+            if llama_block and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
+                rope_heads = widths[index]["num_attention_heads" if ".q_proj." in hf_name else "num_key_value_heads"]
+            tensors.append(_Tensor(name, param, _tensor_qtype(param, qtype), rope_heads))
     rope_factors = _rope_freq_factors(model)
     if rope_factors is not None:
         name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 from ..errors import InvalidRequestError
-from . import remote_code, tempfiles
+from . import tempfiles
 from .checks import check_finite_weights, strict_json
 
 
@@ -118,8 +118,7 @@ def save_model(model, tokenizer, out: Path, *, extra_json: dict[str, dict] | Non
     check_finite_weights(model, f"not saving to {out}")
     with atomic_dir(Path(out), force=force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        # the class attribute: a config read from config.json keeps the family's model_type on the instance
-        if type(model.config).model_type in remote_code.MODEL_TYPES:  # only pruned classes have these types
+        if getattr(model.config, "hywia_layers", None) is not None:  # pruned: its family's modeling code too
             add_remote_code(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -129,17 +128,22 @@ def save_model(model, tokenizer, out: Path, *, extra_json: dict[str, dict] | Non
 
 
 def add_remote_code(model, folder: Path) -> None:
-    """Copy the self-contained modeling files into a saved pruned folder and point config.json's auto_map at them.
+    """Copy the family's self-contained modeling files (its adapter's `remote_module` and the siblings it imports)
+    into a saved pruned folder and point config.json's auto_map at its classes.
 
     Then transformers alone loads the folder with trust_remote_code=True; where hywia is imported, its registered
     classes still take precedence and no remote code runs.
     """
-    for name in remote_code.FILES:
-        shutil.copyfile(remote_code.DIR / name, folder / name)
+    from ..models import adapter_for
+    from ..models.remote import module_files
+
+    module = adapter_for(model).remote_module
+    for path in module_files(module):
+        shutil.copyfile(path, folder / path.name)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     config["auto_map"] = {
-        "AutoConfig": f"configuration_hywia.{type(model.config).__name__}",
-        "AutoModelForCausalLM": f"modeling_hywia.{type(model).__name__}",
+        "AutoConfig": f"{module}.{type(model.config).__name__}",
+        "AutoModelForCausalLM": f"{module}.{type(model).__name__}",
     }
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

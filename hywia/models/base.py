@@ -1,7 +1,8 @@
-"""The adapter interface: where a model family keeps its coupled weight groups.
+"""The adapter interface: everything hywia knows about a model family.
 
 Families differ only in here (fused qkv, biases, ALiBi slopes): everything downstream (statistics, criteria,
-plans, surgery) works on the `GroupSpec` an adapter declares, so a new family is one new file.
+plans, surgery, LoRA, saving, GGUF export) asks the adapter, so a new family is one new adapter file (plus its
+self-contained modeling file in `hywia.models.remote`, which pruned folders carry).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class GroupSpec:
     slices: tuple[TensorSlice, ...]
     gate_module: str
     gate_block: int
+    kv_groups: int = 1  # "head" kind: query head h reads KV group h // (count / kv_groups) (HF's repeat_kv)
 
     def indices(self, groups: torch.Tensor, s: TensorSlice) -> torch.Tensor:
         """Element indices along `s.dim` owned by `groups`."""
@@ -51,13 +53,35 @@ class GroupSpec:
         return (s.offset + groups[:, None] * s.block + block[None, :]).reshape(-1)
 
 
-class Adapter(ABC):
-    """Knows one family's layout: its decoder layers, group kinds, widths and how to shrink a layer.
+@dataclass(frozen=True)
+class GGUFMapping:
+    """How llama.cpp can run a family's (pruned) model.
 
-    Subclasses register with `@register_adapter("LlamaForCausalLM", ...)`.
+    `llama_block`: once `Adapter.llama_tensors` has split its fused weights, every layer is llama.cpp's llama block
+    (q/k/v/o, SiLU gate/up/down, RMSNorm, rope), so `llama` (same widths everywhere) or `deci` (per-layer widths)
+    express any pruning. `native_arch` (a gguf architecture name): written for the unpruned model, and, when the
+    layers are not llama blocks, for a model whose layers all keep the same widths. `refusal`: the one line said
+    when llama.cpp cannot express the family at all.
+    """
+
+    llama_block: bool = False
+    native_arch: str | None = None
+    refusal: str | None = None
+
+
+class Adapter(ABC):
+    """Knows one family: its decoder layers, group kinds, widths, how to shrink a layer, and how the other steps
+    address it (LoRA targets, modeling code for loading without hywia, GGUF mapping).
+
+    Subclasses register with `@register_adapter("LlamaForCausalLM", ...)` and set the class attributes below.
     """
 
     architectures: ClassVar[tuple[str, ...]] = ()
+    # Names (last component) of the Linear modules LoRA adapts; peft sizes each pair to its layer's width.
+    lora_targets: ClassVar[tuple[str, ...]] = ()
+    # Module of hywia.models.remote (imports only torch and transformers) that defines the pruned config and model
+    # classes under the names `pruned_classes` gives them; saved into pruned folders and named by their auto_map.
+    remote_module: ClassVar[str] = ""
 
     def __init__(self, model: nn.Module, attention: str = "heads") -> None:
         if attention not in ("heads", "kv"):
@@ -79,7 +103,8 @@ class Adapter(ABC):
 
     @abstractmethod
     def widths(self, layer: nn.Module) -> dict[str, int]:
-        """The layer's widths in the config's vocabulary (e.g. num_attention_heads, intermediate_size)."""
+        """The layer's widths in the config's vocabulary: always num_attention_heads, num_key_value_heads and
+        intermediate_size, plus what reloading needs (e.g. alibi_heads, added_biases)."""
 
     @abstractmethod
     def shrink(self, layer: nn.Module, keep: dict[str, torch.Tensor]) -> None:
@@ -88,6 +113,14 @@ class Adapter(ABC):
     @abstractmethod
     def resize_to(self, layer: nn.Module, widths: dict[str, int]) -> None:
         """Give a freshly built layer the widths saved in a pruned config (values are loaded afterwards)."""
+
+    @abstractmethod
+    def gguf_mapping(self) -> GGUFMapping:
+        """How llama.cpp can run this model (it may depend on the config, e.g. RoPE or ALiBi)."""
+
+    def llama_tensors(self, name: str, tensor: torch.Tensor, widths: dict) -> dict[str, torch.Tensor]:
+        """A layer parameter under LLaMA's HF names (fused projections split); used when `llama_block`."""
+        return {name: tensor}
 
     def num_decoder_params(self) -> int:
         return sum(p.numel() for layer in self.layers() for p in layer.parameters())
@@ -98,6 +131,8 @@ _ADAPTERS: dict[str, type[Adapter]] = {}
 
 def register_adapter(*architectures: str) -> Callable[[type[Adapter]], type[Adapter]]:
     def decorator(cls: type[Adapter]) -> type[Adapter]:
+        if not cls.lora_targets or not cls.remote_module:
+            raise TypeError(f"{cls.__name__} must declare lora_targets and remote_module")
         cls.architectures = tuple(architectures)
         for arch in architectures:
             _ADAPTERS[arch] = cls

@@ -3,8 +3,8 @@
 `query_key_value` computes [batch, seq, heads, 3, head_dim], so head h owns the 3*head_dim consecutive rows
 h*3*d .. (h+1)*3*d (its q, k and v) plus their bias, and columns h*d .. (h+1)*d of `dense`. Bloom is MHA, so a
 head is also its own KV group: heads are removed with their q, k and v (kind "kv", whatever `attention` says).
-BloomModel builds one ALiBi tensor for config.n_head heads and hands it to every layer; a pruned layer picks the
-rows of the heads it kept (see hywia.models.alibi), and `num_heads`, cached on the modules, is refreshed.
+A pruned layer keeps its heads' original ALiBi slopes (see hywia.models.remote.hywia_bloom, which pruned folders
+carry). llama.cpp derives every head's slope from the layer's head count, so no GGUF expresses a pruned Bloom.
 """
 
 from __future__ import annotations
@@ -12,32 +12,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import BloomForCausalLM
-from transformers.models.bloom.modeling_bloom import BloomAttention
 
-from .alibi import HEADS_ATTR, keep_heads, kept_heads, select_heads
-from .base import Adapter, GroupSpec, TensorSlice, register_adapter
+from .base import Adapter, GGUFMapping, GroupSpec, TensorSlice, register_adapter
 from .pruned import pruned_classes
-from .surgery import resize_linear, select_param
+from .remote.hywia_alibi import HEADS_ATTR, keep_heads, kept_heads
+from .remote.hywia_bloom import refresh_layer, resize_layer
+from .surgery import keep_groups
 
-
-class PrunedBloomAttention(BloomAttention):
-    """BloomAttention that keeps fewer heads: it takes the model-wide ALiBi tensor and uses its own heads' rows."""
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        residual: torch.Tensor,
-        alibi: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        n_total = self.hidden_size // self.head_dim  # hidden_size is never pruned: the original head count
-        alibi = select_heads(alibi, getattr(self, HEADS_ATTR), n_total)
-        return super().forward(hidden_states, residual, alibi, attention_mask, **kwargs)
+GGUF_REFUSAL = (
+    "GGUF export does not write Bloom: llama.cpp derives each head's ALiBi slope from the layer's head count, so a "
+    "layer that lost heads cannot keep its own heads' slopes, and no prune option avoids that; run the pruned "
+    "folder with transformers"
+)
 
 
 @register_adapter("BloomForCausalLM", "HywiaBloomForCausalLM")
 class BloomAdapter(Adapter):
+    lora_targets = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+    remote_module = "hywia_bloom"
+
     def layers(self) -> list[nn.Module]:
         return list(self.model.transformer.h)
 
@@ -88,28 +81,14 @@ class BloomAdapter(Adapter):
             keep_heads(layer.self_attention, self._heads(layer), keep["kv"])
         for spec in self.group_specs(layer):
             if spec.kind in keep:
-                for s in spec.slices:
-                    select_param(layer, s.param, s.dim, spec.indices(keep[spec.kind], s))
-        self._refresh(layer)
+                keep_groups(layer, spec, keep[spec.kind])
+        refresh_layer(layer)
 
     def resize_to(self, layer: nn.Module, widths: dict) -> None:
-        attn, mlp = layer.self_attention, layer.mlp
-        inner, hidden = widths["num_attention_heads"] * attn.head_dim, attn.hidden_size
-        attn.query_key_value = resize_linear(attn.query_key_value, 3 * inner, hidden)
-        attn.dense = resize_linear(attn.dense, hidden, inner)
-        mlp.dense_h_to_4h = resize_linear(mlp.dense_h_to_4h, widths["intermediate_size"], hidden)
-        mlp.dense_4h_to_h = resize_linear(mlp.dense_4h_to_h, hidden, widths["intermediate_size"])
-        setattr(attn, HEADS_ATTR, list(widths[HEADS_ATTR]))
-        self._refresh(layer)
+        resize_layer(layer, widths)
 
-    def _refresh(self, layer: nn.Module) -> None:
-        """Attention reads its head count from `num_heads`; it also needs its kept heads' ALiBi rows."""
-        attn = layer.self_attention
-        attn.num_heads = layer.num_heads = self._heads(layer)
-        setattr(attn, HEADS_ATTR, kept_heads(attn, attn.num_heads))
-        attn.__class__ = PrunedBloomAttention
-        # The tensor-parallel emulation slices by the unpruned width; the plain matmul computes the same sum.
-        attn.slow_but_exact = False
+    def gguf_mapping(self) -> GGUFMapping:
+        return GGUFMapping(refusal=GGUF_REFUSAL)
 
 
 pruned_classes(BloomForCausalLM)

@@ -1,7 +1,8 @@
 """LLaMA-style decoders (LLaMA-1/2/3, Vicuna, Mistral, Qwen2): separate q/k/v/o and gate/up/down projections.
 
 Query head h reads KV head h // (num_heads / num_kv_heads) (HF's `repeat_kv` layout), so heads are grouped by
-that mapping; pruning query heads keeps the same number in every KV group so the layer stays valid GQA.
+that mapping; pruning query heads keeps the same number in every KV group so the layer stays valid GQA. Pruned
+folders carry hywia.models.remote.hywia_llama, which rebuilds the layers; every layer is llama.cpp's llama block.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
 from ..errors import InvalidRequestError
-from .base import Adapter, GroupSpec, TensorSlice, register_adapter
+from .base import Adapter, GGUFMapping, GroupSpec, TensorSlice, register_adapter
 from .pruned import pruned_classes
-from .surgery import add_bias, resize_linear, select_param
+from .remote.hywia_llama import refresh_layer, resize_layer
+from .surgery import keep_groups
 
 # Output projections that compensation may give a bias the family's config does not declare.
 OUTPUT_PROJECTIONS = ("self_attn.o_proj", "mlp.down_proj")
@@ -28,6 +30,9 @@ OUTPUT_PROJECTIONS = ("self_attn.o_proj", "mlp.down_proj")
     "HywiaQwen2ForCausalLM",
 )
 class LlamaAdapter(Adapter):
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    remote_module = "hywia_llama"
+
     def layers(self) -> list[nn.Module]:
         return list(self.model.model.layers)
 
@@ -63,6 +68,7 @@ class LlamaAdapter(Adapter):
                 ),
                 gate_module="self_attn.o_proj",
                 gate_block=d,
+                kv_groups=n_kv,
             )
         else:  # whole KV groups; with MHA (one query head per KV head) this is how a head goes
             attn_spec = GroupSpec(
@@ -112,32 +118,15 @@ class LlamaAdapter(Adapter):
                     f"kept query heads {keep['head'].tolist()} are not the same non-zero number per KV group"
                 )
         for kind, kept in keep.items():
-            spec = specs[kind]
-            for s in spec.slices:
-                select_param(layer, s.param, s.dim, spec.indices(kept, s))
-        self._refresh(layer)
+            keep_groups(layer, specs[kind], kept)
+        refresh_layer(layer)
 
     def resize_to(self, layer: nn.Module, widths: dict[str, int]) -> None:
-        attn, mlp, d = layer.self_attn, layer.mlp, self.head_dim(layer)
-        q_out, kv_out = widths["num_attention_heads"] * d, widths["num_key_value_heads"] * d
-        attn.q_proj = resize_linear(attn.q_proj, q_out, attn.q_proj.in_features)
-        attn.k_proj = resize_linear(attn.k_proj, kv_out, attn.k_proj.in_features)
-        attn.v_proj = resize_linear(attn.v_proj, kv_out, attn.v_proj.in_features)
-        attn.o_proj = resize_linear(attn.o_proj, attn.o_proj.out_features, q_out)
-        width = widths["intermediate_size"]
-        mlp.gate_proj = resize_linear(mlp.gate_proj, width, mlp.gate_proj.in_features)
-        mlp.up_proj = resize_linear(mlp.up_proj, width, mlp.up_proj.in_features)
-        mlp.down_proj = resize_linear(mlp.down_proj, mlp.down_proj.out_features, width)
-        for name in widths.get("added_biases", []):
-            add_bias(layer.get_submodule(name))
-        self._refresh(layer)
+        resize_layer(layer, widths)
 
-    def _refresh(self, layer: nn.Module) -> None:
-        """Forward reads widths from the Linear modules; only the GQA repeat factor is cached on the module."""
-        n_heads, n_kv = self._heads(layer)
-        layer.self_attn.num_key_value_groups = n_heads // n_kv
-        if hasattr(layer.mlp, "intermediate_size"):
-            layer.mlp.intermediate_size = layer.mlp.gate_proj.out_features
+    def gguf_mapping(self) -> GGUFMapping:
+        """The llama block; an unpruned Qwen2 keeps its own architecture (it rotates halves, as transformers)."""
+        return GGUFMapping(llama_block=True, native_arch="qwen2" if isinstance(self.model, Qwen2ForCausalLM) else None)
 
 
 def _has_added_bias(layer: nn.Module, name: str, config) -> bool:

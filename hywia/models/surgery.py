@@ -35,3 +35,20 @@ def add_bias(linear: nn.Linear) -> None:
     if linear.bias is None:
         linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
                                                device=linear.weight.device))
+
+
+def keep_groups(layer: nn.Module, spec, kept: torch.Tensor) -> None:
+    """Cut the groups of `spec` (a GroupSpec) that are not in `kept` out of every tensor they own, in place.
+
+    Positions a group kind does not own stay: in a fused tensor (Phi-3's qkv_proj) removing query heads keeps
+    every k and v row. All slices of one tensor are cut in one go, so a cut never shifts another slice's offset.
+    """
+    every = torch.arange(spec.count)
+    dropped = every[~torch.isin(every, kept.cpu())]
+    owned: dict[tuple[str, int], list[torch.Tensor]] = {}
+    for s in spec.slices:
+        owned.setdefault((s.param, s.dim), []).append(spec.indices(dropped, s))
+    for (param, dim), parts in owned.items():
+        stays = torch.ones(layer.get_parameter(param).shape[dim], dtype=torch.bool)
+        stays[torch.cat(parts)] = False
+        select_param(layer, param, dim, stays.nonzero().squeeze(1))

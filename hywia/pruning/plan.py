@@ -257,7 +257,8 @@ def allocate_global(
 
 
 def _kv_count(adapter: Adapter, layer: torch.nn.Module) -> int:
-    return adapter.widths(layer)["num_key_value_heads"]
+    """KV groups the layer's query heads are split over, as its adapter's "head" spec declares."""
+    return next(spec.kv_groups for spec in adapter.group_specs(layer) if spec.kind == "head")
 
 
 def select(

@@ -1,7 +1,8 @@
 """LoRA recovery of a pruned model with peft + transformers' Trainer.
 
 Pruned layers keep their own widths (nn.Linear modules of different shapes per layer); peft sizes every LoRA pair
-from the module it wraps, so heterogeneous models need nothing special. Training goes through ``Trainer`` so
+from the module it wraps, so heterogeneous models need nothing special. Which modules are adapted is the family's
+knowledge: its adapter's `lora_targets`. Training goes through ``Trainer`` so
 ``accelerate launch`` brings data parallelism or FSDP without code changes, and its checkpoints (adapter weights as
 safetensors, optimizer, scheduler, RNG, step) make ``resume=True`` continue from the last saved step.
 """
@@ -28,9 +29,8 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
+from hywia.models import adapter_for
 from hywia.recovery.data import IGNORE_INDEX, Example
-
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def tune(
@@ -55,7 +55,8 @@ def tune(
     warmup_steps: int = 0,
     callbacks: Sequence[TrainerCallback] = (),
 ) -> dict[str, Any]:
-    """Train LoRA adapters on q/k/v/o and gate/up/down projections; save them to ``out_dir/adapter``.
+    """Train LoRA adapters on the family's projections (its adapter's ``lora_targets``); save them to
+    ``out_dir/adapter``.
 
     Give ``steps`` or ``epochs`` (one epoch when neither). Checkpoints go to ``out_dir/checkpoints`` every
     ``save_steps`` optimizer steps and at the end (the newest ``save_total_limit`` kept). ``resume=True`` continues
@@ -73,9 +74,7 @@ def tune(
         raise ValueError("no training examples")
     if isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
         raise ValueError("the model already carries LoRA layers; pass the base model (or merge() first)")
-    targets = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} & set(TARGET_MODULES))
-    if not targets:
-        raise ValueError(f"the model has none of the LoRA target modules {TARGET_MODULES}")
+    targets = list(adapter_for(model).lora_targets)
 
     out_dir = Path(out_dir)
     checkpoint_dir = out_dir / "checkpoints"

@@ -17,7 +17,8 @@ from hywia.errors import ModelLoadError, NonFiniteWeightsError
 from hywia.eval.api import evaluate
 from hywia.io import load_model, save_model
 from hywia.io.checks import strict_json
-from test_remote_code import _compensated
+from hywia.models import mark_pruned
+from hywia.models.surgery import add_bias
 from test_save_load import _pruned
 
 BAD_WEIGHT = "model.layers.1.mlp.up_proj.weight"
@@ -108,6 +109,14 @@ def test_missing_tensors_are_refused_not_filled_with_random_layers(tiny_tokenize
     line = _refused(capfd, *_eval_args(fewer))
     assert "hold 18 tensor(s) its config.json does not describe" in line and "model.layers.2." in line
 
+
+def _compensated(model):
+    """A pruned model whose layer-1 output projection got a bias its config does not declare (--compensate)."""
+    with torch.no_grad():
+        add_bias(model.model.layers[1].self_attn.o_proj)
+        model.model.layers[1].self_attn.o_proj.bias.normal_(0, 0.1)
+    mark_pruned(model)
+    return model
 
 def test_legitimately_absent_tensors_still_load(tiny_tokenizer, tmp_path):
     """Tied output embeddings, non-persistent buffers (rotary frequencies) and hywia's pruned folders with per-layer

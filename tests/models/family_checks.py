@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -105,3 +108,92 @@ def check_every_criterion(model) -> None:
             assert score.shape == (spec.count,) and torch.isfinite(score).all(), name
         pruned = apply_plan(copy.deepcopy(model), select(ctx.adapter, scores, ctx.keep))
         assert torch.isfinite(logits(pruned, ids())).all(), name
+
+
+# --- every registered family, tiny ---------------------------------------------------------------------------------
+
+def tiny_family_configs() -> dict[str, object]:
+    """One tiny config per case (hidden 64, 4 layers, 4 heads of 16, vocab 300): every registered family, LLaMA in
+    MHA and GQA form, Baichuan in its RoPE (7B) and ALiBi (13B) variants. A new family adds its case here."""
+    from transformers import (
+        BloomConfig,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
+
+    from hywia.models.remote.hywia_baichuan import BaichuanConfig
+
+    shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                 max_position_embeddings=256, tie_word_embeddings=False)
+    gqa = dict(shape, num_key_value_heads=2)
+    return {
+        "llama-mha": LlamaConfig(**shape, num_key_value_heads=4),
+        "llama-gqa": LlamaConfig(**gqa),
+        "mistral": MistralConfig(**gqa),
+        "qwen2": Qwen2Config(**gqa),
+        "qwen3": Qwen3Config(**gqa, head_dim=16),
+        "gemma3": Gemma3TextConfig(**gqa, head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
+                                   layer_types=["sliding_attention", "full_attention"] * 2),
+        "phi3": Phi3Config(**gqa, pad_token_id=0),  # its default pad id 32000 is outside the vocabulary
+        "bloom": BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=4, n_head=4),
+        "baichuan-7b": BaichuanConfig(**{k: v for k, v in shape.items() if k != "max_position_embeddings"},
+                                      max_position_embeddings=256),
+        "baichuan-13b": BaichuanConfig(**{k: v for k, v in shape.items() if k != "max_position_embeddings"},
+                                       model_max_length=256),
+    }
+
+
+def tiny_family_model(case: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return randomise(AutoModelForCausalLM.from_config(tiny_family_configs()[case], dtype=torch.float32), seed)
+
+
+# Runs with `python -I` (no cwd, no PYTHONPATH) and a meta-path hook that refuses hywia, whose editable install
+# would otherwise still be importable from site-packages. Arguments: ids.npy, then folder/logits.npy pairs.
+WITHOUT_HYWIA = r"""
+import sys
+
+class NoHywia:
+    def find_spec(self, name, path=None, target=None):
+        if name == "hywia" or name.startswith("hywia."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+
+sys.meta_path.insert(0, NoHywia())
+try:
+    import hywia
+except ModuleNotFoundError:
+    pass
+else:
+    sys.exit("hywia is importable")
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+ids = torch.from_numpy(np.load(sys.argv[1]))
+for folder, logits_file in zip(sys.argv[2::2], sys.argv[3::2]):
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+    print(type(model).__name__, model.config.model_type)
+    with torch.no_grad():
+        np.save(logits_file, model(input_ids=ids).logits.numpy())
+assert not any(name == "hywia" or name.startswith("hywia.") for name in sys.modules)
+"""
+
+
+def logits_without_hywia(folders: list, token_ids: torch.Tensor, work) -> tuple[list[str], list[np.ndarray]]:
+    """Load each folder in a fresh interpreter where hywia cannot be imported (its own modeling code, through
+    trust_remote_code) and return the printed `class model_type` lines and the logits on `token_ids`."""
+    np.save(work / "ids.npy", token_ids.numpy())
+    args = []
+    for i, folder in enumerate(folders):
+        args += [str(folder), str(work / f"logits-{i}.npy")]
+    child = subprocess.run([sys.executable, "-I", "-c", WITHOUT_HYWIA, str(work / "ids.npy"), *args],
+                           capture_output=True, text=True, timeout=900)
+    assert child.returncode == 0, child.stderr[-3000:]
+    return child.stdout.splitlines(), [np.load(work / f"logits-{i}.npy") for i in range(len(folders))]

@@ -22,7 +22,7 @@ from family_checks import (
 )
 from hywia.io import load_model
 from hywia.models import adapter_for
-from hywia.models.baichuan import BaichuanConfig, BaichuanForCausalLM
+from hywia.models.remote.hywia_baichuan import BaichuanConfig, BaichuanForCausalLM
 from hywia.pruning import PruningPlan, apply_plan
 from hywia.pruning.compensate import compensate
 

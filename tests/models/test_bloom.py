@@ -18,7 +18,7 @@ from family_checks import (
     scored_plan,
 )
 from hywia.models import adapter_for
-from hywia.models.alibi import alibi_slopes
+from hywia.models.remote.hywia_alibi import alibi_slopes
 from hywia.pruning import PruningPlan, apply_plan
 
 

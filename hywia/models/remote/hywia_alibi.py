@@ -1,4 +1,4 @@
-"""ALiBi (Press et al., 2022) after head pruning, shared by Bloom and Baichuan-13B.
+"""ALiBi (Press et al., 2022) after head pruning, shared by Bloom and Baichuan-13B; torch only (folders carry it).
 
 A head's slope is fixed by its index among the model's ORIGINAL heads, so a pruned layer must keep each surviving
 head's own slope: recomputing slopes for the smaller head count would hand every head another head's distance
