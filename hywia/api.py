@@ -17,7 +17,7 @@ from .errors import InvalidRequestError
 from .eval.perplexity import heldout_windows, perplexity
 from .importance import ScoringContext, collect_statistics, get_criterion
 from .importance.collect import PATHS
-from .importance.layerwise import STORES
+from .calibration import STORES
 from .io import check_output, describe, load_model, save_model
 from .models import adapter_for
 from .offload import check_placement, place

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..api import count_params
+from ..measure import count_params
 from ..errors import InvalidRequestError
 from ..io import describe, load_model
 from .perplexity import heldout_windows, perplexity

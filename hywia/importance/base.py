@@ -4,19 +4,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import InvalidRequestError
-from ..models import Adapter, GroupSpec, TensorSlice
+from ..models import Adapter, GroupSpec, LayerKind, TensorSlice
 from ..offload import resident
-
-if TYPE_CHECKING:  # statistics.py builds on this module's `blocks`
-    from .statistics import Statistics
-
-LayerKind = tuple[int, str]
+from .statistics import Statistics, blocks
 
 
 @dataclass
@@ -93,11 +89,6 @@ def get_criterion(spec: str) -> Criterion:
         return _CRITERIA[name](arg) if arg else _CRITERIA[name]()
     except (TypeError, ValueError) as exc:
         raise InvalidRequestError(f"bad criterion {spec!r}: {exc}") from exc
-
-
-def blocks(tensor: torch.Tensor, s: TensorSlice, count: int) -> torch.Tensor:
-    """A per-weight map reshaped to [count, elements of each group] for one slice."""
-    return tensor.movedim(s.dim, 0).narrow(0, s.offset, count * s.block).reshape(count, -1)
 
 
 def reduce_groups(

@@ -7,7 +7,7 @@ Every module of this package is imported here, so a new family is one new file t
 import importlib
 import pkgutil
 
-from .base import Adapter, GroupSpec, TensorSlice, adapter_for, register_adapter, supported_architectures
+from .base import Adapter, GroupSpec, LayerKind, TensorSlice, adapter_for, register_adapter, supported_architectures
 from .pruned import mark_pruned, pruned_classes
 
 for _module in pkgutil.iter_modules(__path__):
@@ -16,6 +16,7 @@ for _module in pkgutil.iter_modules(__path__):
 __all__ = [
     "Adapter",
     "GroupSpec",
+    "LayerKind",
     "TensorSlice",
     "adapter_for",
     "mark_pruned",

@@ -15,6 +15,8 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 
+LayerKind = tuple[int, str]  # (decoder layer index, group kind): the key of every per-group table downstream
+
 
 @dataclass(frozen=True)
 class TensorSlice:

@@ -13,9 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidRequestError
-from ..models import Adapter, GroupSpec, TensorSlice
-
-LayerKind = tuple[int, str]
+from ..models import Adapter, GroupSpec, LayerKind, TensorSlice
 
 
 @dataclass

@@ -29,7 +29,8 @@ from accelerate.utils import parse_flag_from_env
 from torch import nn
 from transformers import TrainerCallback
 
-from ..api import peak_rss_mb, prune
+from ..api import prune
+from ..measure import peak_rss_mb
 from ..errors import InvalidRequestError
 from ..eval.perplexity import heldout_windows, perplexity
 from ..io import check_output, describe, load_model, save_model
