@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from .errors import HywiaError
+from .settings import CalibrationConfig, EvalConfig, PruneConfig, RuntimeConfig, flat_fields
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -20,36 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("prune", help="score every head and MLP channel, remove the lowest, save the model")
-    _add_model_flags(p)
-    p.add_argument("--ratio", type=float, required=True,
-                   help="share of all decoder-layer parameters to remove, in (0, 1)")
-    p.add_argument("--criterion", default="hywia",
-                   help="hywia | fixed:A | taylor-element1 | taylor-element2 | taylor-vector | flap | wanda-sp | "
-                        "magnitude | random")
-    p.add_argument("--calib", default=None, help=".txt or .jsonl (field 'text'); default: LAMBADA passages")
-    p.add_argument("--calib-samples", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--layers", default=None, help="layers to prune as A:B (default: keep first ~10%% and last 2)")
-    p.add_argument("--attention", choices=["heads", "kv"], default="heads",
-                   help="remove query heads evenly per KV group, or whole KV groups")
-    p.add_argument("--allocation", choices=["uniform", "global"], default="global",
-                   help="same share per pruned layer, or rank the groups of all pruned layers together")
-    p.add_argument("--compensate", choices=["none", "bias", "lstsq"], default="lstsq",
-                   help="fold what the removed groups wrote into a bias (FLAP) or refit kept columns by least squares")
-    p.add_argument("--round-to", type=int, default=1, help="round kept MLP widths (and heads where possible) to N")
-    p.add_argument("--importance-path", choices=["layerwise", "plain"], default="layerwise",
-                   help="gradient statistics one layer at a time (little memory) or by full backward (same scores)")
-    p.add_argument("--activation-store", choices=["auto", "memory", "disk"], default="auto",
-                   help="where the layerwise path keeps per-sample layer inputs (auto: disk on CPU, else host memory)")
-    p.add_argument("--offload", choices=["cpu", "disk"], default=None,
-                   help="keep the decoder layers there and stream them through --device one at a time")
-    p.add_argument("--device-map", default=None,
-                   help="let accelerate place the model: auto | balanced | sequential | a JSON file of a device_map")
-    p.add_argument("--offload-folder", default=None, help="folder for disk-offloaded weights (default: temporary)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=argparse.SUPPRESS,
+                   help="local HF folder, hub name, or an embedded model (default: the recipe's, else smollm2-135m)")
+    p.add_argument("--recipe", default=None,
+                   help="re-run a saved recipe (OUT/recipe.json or report.json of an earlier prune); flags given "
+                        "here override it")
+    _add_settings_flags(p, [PruneConfig, CalibrationConfig, RuntimeConfig, EvalConfig])
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.add_argument("--ppl-text", default="lambada", help="held-out text for before/after perplexity, or 'none'")
     p.add_argument("--tune", action="store_true",
                    help="then LoRA-tune the pruned model: OUT/pruned holds it untuned, OUT/merged tuned, "
                         "OUT/report.json both perplexities; --tune-* flags as in `hywia tune`")
@@ -59,7 +39,54 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parser(commands)
     _add_tune_parser(commands)
     _add_export_parser(commands)
+    _add_apply_parser(commands)
     return parser
+
+
+def _add_settings_flags(p: argparse.ArgumentParser, configs: list[type]) -> None:
+    """One flag per field of the settings dataclasses (hywia.settings), its help from the field. Flags left out are
+    absent from the parsed namespace, so a --recipe's values (or the dataclass defaults) stand."""
+    for config in configs:
+        for item in dataclasses.fields(config):
+            default = "required" if item.name == "ratio" else f"default: {item.default}"
+            p.add_argument(f"--{item.name.replace('_', '-')}", dest=item.name, default=argparse.SUPPRESS,
+                           choices=item.metadata.get("choices"), help=f"{item.metadata['help']} ({default})")
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """The settings flags the user gave, by field name (values converted and checked by hywia.settings)."""
+    given = {name: value for name, value in vars(args).items() if name in flat_fields() or name == "model"}
+    if "device_map" in given:
+        given["device_map"] = _device_map(given["device_map"])
+    return given
+
+
+def _add_apply_parser(commands) -> None:
+    p = commands.add_parser(
+        "apply", help="cut a dense model to a saved plan.json (no scoring), with the compensation its recipe records",
+        description="Compensation (bias, lstsq) is refitted on the calibration windows the recipe records, so the "
+                    "result equals the original prune's weights on the same machine.")
+    p.add_argument("--plan", required=True, help="plan.json of an earlier prune")
+    p.add_argument("--model", default=argparse.SUPPRESS, help="the dense model (default: the recipe's)")
+    p.add_argument("--recipe", default=None, help="recipe of the prune (default: recipe.json beside --plan)")
+    p.add_argument("--compensate", default=argparse.SUPPRESS, help="override the recipe's compensation")
+    _add_settings_flags(p, [CalibrationConfig, RuntimeConfig])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.set_defaults(run=_apply)
+
+
+def _apply(args: argparse.Namespace) -> None:
+    from .api import apply
+
+    settings = _settings(args)
+    if "compensate" in vars(args):
+        settings["compensate"] = args.compensate
+    model = settings.pop("model", None)
+    result = apply(args.plan, model, recipe=args.recipe, out=args.out, force=args.force, **settings)
+    print(f"cut to {args.plan} ({result.report['compensate']} compensation): "
+          f"{result.report['params_after']:,} parameters")
+    print(f"saved to {args.out}")
 
 
 def _limit(text: str) -> int | None:
@@ -296,15 +323,8 @@ def _prune(args: argparse.Namespace) -> None:
         from .recovery.api import prune_and_tune
 
         run = partial(prune_and_tune, tune=tune_options)
-    result = run(
-        args.model, ratio=args.ratio, criterion=args.criterion, calib=args.calib, calib_samples=args.calib_samples,
-        seq_len=args.seq_len, layers=args.layers, attention=args.attention, allocation=args.allocation,
-        compensate=args.compensate, round_to=args.round_to, seed=args.seed, out=args.out,
-        force=args.force, device=args.device, dtype=args.dtype, importance_path=args.importance_path,
-        activation_store=args.activation_store, offload=args.offload, device_map=_device_map(args.device_map),
-        offload_folder=args.offload_folder,
-        ppl_text=None if args.ppl_text == "none" else args.ppl_text,
-    )
+    settings = _settings(args)
+    result = run(settings.pop("model", None), recipe=args.recipe, out=args.out, force=args.force, **settings)
     if args.tune:
         print_summary(result.report["base_report"])
         print_tune_summary(result.report)
@@ -341,6 +361,9 @@ def print_summary(report: dict) -> None:
         rows.append(("learned blend, mean alpha", ", ".join(
             f"{view} {weight:.3f}" for view, weight in report["fusion"]["alpha_mean"].items())))
     rows += [("seconds", f"{report['seconds']:.1f}"), ("peak RSS (MB)", f"{report['peak_rss_mb']:.0f}")]
+    if report.get("stages"):
+        rows.append(("stages: seconds / peak RSS MB", ", ".join(
+            f"{name} {entry['seconds']:.1f}/{entry['peak_rss_mb']:.0f}" for name, entry in report["stages"].items())))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
-from ..errors import InvalidRequestError
 from ..models import Adapter, GroupSpec, LayerKind, TensorSlice
 from ..offload import resident
+from ..settings import NoSettings, format_spec, parse_spec
 from .statistics import Statistics, blocks
 
 
@@ -49,11 +50,24 @@ class ScoringContext:
 
 
 class Criterion(ABC):
-    """Scores every group; higher means more important (kept first)."""
+    """Scores every group; higher means more important (kept first).
+
+    A criterion with settings of its own declares them as a frozen dataclass `Settings`; it is constructed from
+    their keywords (`HywiaFusion(steps=8)`) or from a spec (`get_criterion("hywia:steps=8")`).
+    """
 
     name: ClassVar[str] = ""
     needs_gradients: ClassVar[bool] = False
     needs_activations: ClassVar[bool] = False
+    Settings: ClassVar[type] = NoSettings
+
+    def __init__(self, **settings) -> None:
+        self.settings = self.Settings(**settings)
+
+    @property
+    def spec(self) -> str:
+        """Name and every setting, as `get_criterion` reads it back."""
+        return format_spec(self.name, self.settings)
 
     @abstractmethod
     def score(self, ctx: ScoringContext) -> dict[LayerKind, torch.Tensor]:
@@ -81,14 +95,9 @@ def available_criteria() -> list[str]:
 
 
 def get_criterion(spec: str) -> Criterion:
-    """A criterion from its name; `name:arg` passes one argument (e.g. `fixed:0.5`)."""
-    name, _, arg = spec.partition(":")
-    if name not in _CRITERIA:
-        raise InvalidRequestError(f"unknown criterion {spec!r}; available: {', '.join(available_criteria())}")
-    try:
-        return _CRITERIA[name](arg) if arg else _CRITERIA[name]()
-    except (TypeError, ValueError) as exc:
-        raise InvalidRequestError(f"bad criterion {spec!r}: {exc}") from exc
+    """A criterion from its spec, `name[:value][:key=value]...` (hywia.settings), e.g. `hywia:steps=48:lr=0.05`."""
+    name, settings = parse_spec(spec, {key: cls.Settings for key, cls in _CRITERIA.items()}, "criterion")
+    return _CRITERIA[name](**dataclasses.asdict(settings))
 
 
 def reduce_groups(

@@ -29,7 +29,7 @@ from accelerate.utils import parse_flag_from_env
 from torch import nn
 from transformers import TrainerCallback
 
-from ..api import prune
+from ..api import load_recipe, prune
 from ..measure import peak_rss_mb
 from ..errors import InvalidRequestError
 from ..eval.perplexity import heldout_windows, perplexity
@@ -191,12 +191,12 @@ def prune_and_tune(
         raise InvalidRequestError(
             "prune --tune runs in one process: prune first, then `accelerate launch -m hywia.cli tune`"
         )
+    settings = {key: value for key, value in prune_options.items() if key not in ("tokenizer", "progress", "recipe")}
+    p = load_recipe(prune_options.get("recipe")).replace(**settings)  # a misspelt setting fails before pruning
+    # the held-out text, its windows, seed and dtype carry over to tuning
+    tune_args = {"ppl_text": p.eval.ppl_text, "ppl_seq_len": p.calibration.seq_len, "ppl_tokens": p.eval.ppl_tokens,
+                 "seed": p.runtime.seed, "dtype": p.runtime.dtype, **(tune or {})}
     try:
-        pruning = inspect.signature(prune).bind_partial(model, **prune_options)
-        pruning.apply_defaults()
-        p = pruning.arguments  # the held-out text, its windows, seed and dtype carry over to tuning
-        tune_args = {"ppl_text": p["ppl_text"], "ppl_seq_len": p["seq_len"], "ppl_tokens": p["ppl_tokens"],
-                     "seed": p["seed"], "dtype": p["dtype"], **(tune or {})}
         bound = inspect.signature(tune_model).bind(out / "pruned", out=out, merge=True, resume=True, **tune_args)
     except TypeError as exc:
         raise InvalidRequestError(f"prune --tune options: {exc}") from exc
