@@ -61,9 +61,10 @@ def build_settings(settings_class: type, values: dict[str, Any], what: str) -> A
     """`settings_class` from raw values (strings from a spec or numbers from JSON), converted and validated."""
     known = {f.name: f for f in dataclasses.fields(settings_class)}
     unknown = sorted(set(values) - set(known))
+    if unknown and not known:
+        raise InvalidRequestError(f"{what} takes no settings, got {unknown[0]!r}")
     if unknown:
-        listing = ", ".join(known) or "none"
-        raise InvalidRequestError(f"{what} has no setting {unknown[0]!r}; its settings: {listing}")
+        raise InvalidRequestError(f"{what} has no setting {unknown[0]!r}; its settings: {', '.join(known)}")
     converted = {key: _convert(value, known[key].type, f"{what} setting {key}") for key, value in values.items()}
     try:
         return settings_class(**converted)
