@@ -16,7 +16,7 @@ from .errors import InvalidRequestError
 from .eval.perplexity import heldout_windows, perplexity
 from .importance.collect import PATHS
 from .io import check_output, describe, load_model, save_model
-from .measure import StageLog, count_params
+from .measure import StageLog, count_params, peak_rss_mb
 from .offload import check_placement, place
 from .pipeline import Pipeline, check_method
 from .pruning import PruningPlan
@@ -58,7 +58,7 @@ def prune(
     elif not isinstance(model, nn.Module):
         recipe = recipe.replace(model=str(model))
     _check(recipe, out, force)
-    log = StageLog()
+    peak_before, log = peak_rss_mb(), StageLog()  # the stages reset the process's peak mark
     with log.stage("load"):
         model, tokenizer, model_name, folder = _load(model, tokenizer, recipe)
     config = recipe.prune
@@ -74,8 +74,8 @@ def prune(
     with log.stage("report"):
         report = {"model": model_name, **pipeline.summary(pruned, decoder_before, params_before),
                   "placement": _placement(recipe, folder), **ppl.after(pruned.model)}
-    report.update(stages=log.to_dict(), seconds=round(sum(e["seconds"] for e in log.stages.values()), 2),
-                  peak_rss_mb=log.peak_rss_mb(), recipe=resolved.to_dict())
+    report.update(stages=log.to_dict(), seconds=log.seconds(), peak_rss_mb=max(peak_before, log.peak_rss_mb()),
+                  recipe=resolved.to_dict())
     if out is not None:
         save_model(pruned.model, tokenizer, Path(out), force=force, extra_json={
             "plan.json": pruned.plan.to_dict(), "recipe.json": resolved.to_dict(), "report.json": report})

@@ -49,13 +49,12 @@ class StageLog:
     """Seconds and peak memory of each named stage of a run, in the order they ran.
 
     On Linux each stage's peak RSS is its own (the peak mark is reset on entry); elsewhere it is the process peak so
-    far and `rss_scope` says so. On a GPU the CUDA peak (allocated memory) is recorded too. `peak_rss_mb` is the
-    largest over the stages and the process peak before them.
+    far and `rss_scope` says so. On a GPU the CUDA peak (allocated memory) is recorded too. Resetting the mark
+    also resets what `peak_rss_mb()` reports afterwards: take the process peak before a logged run if it matters.
     """
 
     def __init__(self) -> None:
         self.stages: dict[str, dict] = {}
-        self._peak_before = peak_rss_mb()
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -83,7 +82,11 @@ class StageLog:
             self.stages[name] = entry
 
     def peak_rss_mb(self) -> float:
-        return round(max([self._peak_before] + [entry["peak_rss_mb"] for entry in self.stages.values()]), 1)
+        """The largest stage peak (0 before any stage)."""
+        return round(max([0.0] + [entry["peak_rss_mb"] for entry in self.stages.values()]), 1)
+
+    def seconds(self) -> float:
+        return round(sum(entry["seconds"] for entry in self.stages.values()), 2)
 
     def to_dict(self) -> dict:
         return {name: dict(entry) for name, entry in self.stages.items()}

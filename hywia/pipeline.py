@@ -111,9 +111,10 @@ class Pipeline:
         keep = allocate_uniform(self.adapter, self.layer_indices, config.ratio, config.round_to)
         return Variant(config, criterion, allocation, compensation, keep)
 
-    def calibrate(self, variants: list[Variant]) -> None:
-        """Stage `calibrate`: the windows, and one statistics pass with everything the variants' criteria read."""
-        gradients = any(v.criterion.needs_gradients for v in variants)
+    def calibrate(self, variants: list[Variant], *, gradients: bool = False) -> None:
+        """Stage `calibrate`: the windows, and one statistics pass with everything the variants' criteria read
+        (and the gradient statistics in any case with `gradients`)."""
+        gradients = gradients or any(v.criterion.needs_gradients for v in variants)
         activations = any(v.criterion.needs_activations for v in variants)
         with self.log.stage("calibrate"):
             windows = self.windows()  # built inside the stage, so its cost is counted there
