@@ -119,7 +119,6 @@ def _add_eval_parser(commands) -> None:
 
 def _add_bench_parser(commands) -> None:
     from .bench import DEFAULT_CRITERIA, DEFAULT_LIMIT
-    from .bench.speed import add_speed_flags
 
     p = commands.add_parser("bench", help="prune with several criteria and ratios, evaluate each side by side")
     _add_model_flags(p)
@@ -133,21 +132,6 @@ def _add_bench_parser(commands) -> None:
     _add_measure_flags(p, "lambada,coqa", DEFAULT_LIMIT)
     p.add_argument("--out-dir", default="bench", help="folder for bench.json, bench.md and the PNG plots")
     p.add_argument("--markdown", default=None, help="also write the table section into this file (BENCHMARKS.md)")
-    p.add_argument("--speed", action="store_true",
-                   help="instead: time the dense model against pruned copies (prefill, decode) on SmolLM2-135M and "
-                        "a LLaMA-7B-shaped stack, each speed-up against its MAC ceiling; takes the --speed-* "
-                        "flags, --seed and --out-dir (speed.json, speed.md)")
-    add_speed_flags(p, prefix="speed-")
-    p.add_argument("--cost", action="store_true",
-                   help="instead: what the importance step costs, memory-light (layerwise) path against the plain "
-                        "full backward, each in a fresh process: peak memory above the step's start (RSS; CUDA "
-                        "memory on a GPU) and seconds, at --calib-samples and at --cost-scale times as many; takes "
-                        "--model, --calib, --calib-samples, --seq-len, --dtype, --device, --seed and --out-dir "
-                        "(cost.json, cost.md)")
-    # None until given, so a quality run's recorded command does not spell out the cost benchmark's settings
-    p.add_argument("--cost-scale", type=int, default=None, help="also measure at this multiple of --calib-samples (4)")
-    p.add_argument("--cost-repeats", type=int, default=None, help="rounds at the default size, median seconds (1)")
-    p.add_argument("--cost-layers", default=None, help="layers whose statistics are taken, as A:B (default as prune)")
     p.set_defaults(run=_bench, command_parser=p)
 
 
@@ -169,14 +153,6 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    if args.speed and args.cost:
-        raise HywiaError("--speed and --cost are separate benchmarks: give one of them")
-    if args.speed:
-        _speed(args)
-        return
-    if args.cost:
-        _cost(args)
-        return
     from .bench import run
     from .bench.run import parse_option
     from .io import describe, load_model
@@ -194,34 +170,6 @@ def _bench(args: argparse.Namespace) -> None:
         calib=args.calib, calib_samples=args.calib_samples, prune_kwargs=options, out_dir=args.out_dir,
         markdown=args.markdown, model_description=describe(args.model), command=_command_line(args),
     )
-
-
-def _speed(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from .bench.speed import command_line, render_markdown, run_speed, settings_from_args
-
-    settings = settings_from_args(args)
-    command = command_line(["hywia", "bench", "--speed"], settings, prefix="speed-",
-                           extra=["--out-dir", args.out_dir])
-    print(render_markdown(run_speed(settings, args.out_dir, command)))
-    print(f"saved to {Path(args.out_dir) / 'speed.json'} and speed.md")
-
-
-def _cost(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from .bench.cost import cost, render_markdown, write
-
-    scale = 4 if args.cost_scale is None else args.cost_scale
-    repeats = 1 if args.cost_repeats is None else args.cost_repeats
-    if min(scale, repeats, args.calib_samples) < 1:
-        raise HywiaError("--calib-samples, --cost-scale and --cost-repeats must be >= 1")
-    result = cost(args.model, samples=args.calib_samples, seq_len=args.seq_len, scale=scale, layers=args.cost_layers,
-                  dtype=args.dtype, device=args.device, seed=args.seed, calib=args.calib, repeats=repeats)
-    write(result, Path(args.out_dir))
-    print(render_markdown(result))
-    print(f"saved to {Path(args.out_dir) / 'cost.json'} and cost.md")
 
 
 def _command_line(args: argparse.Namespace) -> str:

@@ -113,3 +113,7 @@ def test_lower_layers_do_not_import_higher_ones():
     ]
     assert wrong == []
 
+
+
+def test_benchmark_harnesses_are_not_in_the_package():
+    assert not (ROOT / "bench" / "speed.py").exists() and not (ROOT / "bench" / "cost.py").exists()

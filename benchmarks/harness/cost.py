@@ -1,4 +1,4 @@
-"""`hywia bench --cost`: what the importance step costs, memory-light (layerwise) path against the plain one.
+"""benchmarks/cost.py: what the importance step costs, memory-light (layerwise) path against the plain one.
 
 Every measurement runs in a fresh Python process, so no path inherits another's allocations: the process loads the
 model, makes its weights resident (the loader maps safetensors lazily), builds the calibration windows, then
@@ -37,11 +37,11 @@ def measure_step(
     device: str | None, seed: int, calib: str | None = None,
 ) -> dict:
     """One statistics pass in this process (call it in a fresh one): memory added and seconds."""
-    from ..data.text import calibration_passages, calibration_windows, read_text_file
-    from ..importance import collect_statistics
-    from ..io import load_model
-    from ..models import adapter_for
-    from ..pruning import parse_layers
+    from hywia.data.text import calibration_passages, calibration_windows, read_text_file
+    from hywia.importance import collect_statistics
+    from hywia.io import load_model
+    from hywia.models import adapter_for
+    from hywia.pruning import parse_layers
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     net, tokenizer = load_model(model, device=device, dtype=dtype)
@@ -95,7 +95,7 @@ def _status_mb(field: str) -> float:
 
 def _run_worker(spec: dict) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    done = subprocess.run([sys.executable, "-m", "hywia.bench.cost", "--worker", json.dumps(spec)],
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
                           capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"cost worker failed ({spec}):\n{done.stderr[-3000:]}")
@@ -202,7 +202,7 @@ def write(result: dict, out_dir: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hywia bench --cost", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="benchmarks/cost.py", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="as for `hywia prune` (default: smollm2-135m)")
     parser.add_argument("--calib", default=None, help=".txt or .jsonl (default: LAMBADA passages)")
     parser.add_argument("--calib-samples", type=int, default=64)
