@@ -124,7 +124,8 @@ def _add_bench_parser(commands) -> None:
     _add_model_flags(p)
     p.add_argument("--ratios", default="0.2,0.5", help="comma list of ratios")
     p.add_argument("--criteria", default=",".join(DEFAULT_CRITERIA),
-                   help="comma list; an entry may carry prune options: hywia@allocation=global@compensate=bias")
+                   help="comma list; an entry may carry prune options: hywia:steps=48@allocation=global:floor=0.1"
+                        "@compensate=bias")
     p.add_argument("--prune-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra hywia.prune argument for every run (repeatable), e.g. allocation=global")
     p.add_argument("--calib", default=None, help=".txt or .jsonl (field 'text'); default: LAMBADA passages")

@@ -36,19 +36,18 @@ def measure_step(
     model: str | None, path: str, store: str, samples: int, seq_len: int, layers: str | None, dtype: str,
     device: str | None, seed: int, calib: str | None = None,
 ) -> dict:
-    """One statistics pass in this process (call it in a fresh one): memory added and seconds."""
-    from hywia.data.text import calibration_passages, calibration_windows, read_text_file
-    from hywia.importance import collect_statistics
+    """One statistics pass (the pipeline's calibrate stage) in this process (call it in a fresh one): memory added
+    and seconds."""
     from hywia.io import load_model
-    from hywia.models import adapter_for
-    from hywia.pruning import parse_layers
+    from hywia.pipeline import Pipeline
+    from hywia.settings import CalibrationConfig, RuntimeConfig
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     net, tokenizer = load_model(model, device=device, dtype=dtype)
-    adapter = adapter_for(net)
-    layer_indices = parse_layers(layers, len(adapter.layers()))
-    passages = read_text_file(Path(calib)) if calib else calibration_passages()
-    batches = calibration_windows(tokenizer, passages, samples, seq_len, seed)
+    pipeline = Pipeline(net, tokenizer, layers=layers, progress=False,
+                        calibration=CalibrationConfig(calib=calib, calib_samples=samples, seq_len=seq_len),
+                        runtime=RuntimeConfig(importance_path=path, activation_store=store, seed=seed))
+    pipeline.windows()  # built before the measurement starts
     unique = {p.data_ptr(): p for p in net.parameters()}.values()
     weights_mb = sum(p.numel() * p.element_size() for p in unique) / 2**20
     with torch.no_grad():
@@ -58,8 +57,8 @@ def measure_step(
     gc.collect()
     start = _memory_start(on_cuda)
     wall, cpu = time.perf_counter(), time.process_time()
-    stats = collect_statistics(net, adapter, layer_indices, batches, gradients=True, activations=False,
-                               progress=False, path=path, store=store)
+    pipeline.calibrate([], gradients=True)
+    stats = pipeline.stats
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak = _memory_peak(on_cuda)
     return {
