@@ -7,7 +7,7 @@ import dataclasses
 import sys
 
 from .errors import HywiaError
-from .settings import CalibrationConfig, EvalConfig, PruneConfig, RuntimeConfig, flat_fields
+from .settings import CalibrationConfig, EvalConfig, PruneConfig, RuntimeConfig, describe_specs, flat_fields
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -46,11 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_settings_flags(p: argparse.ArgumentParser, configs: list[type]) -> None:
     """One flag per field of the settings dataclasses (hywia.settings), its help from the field. Flags left out are
     absent from the parsed namespace, so a --recipe's values (or the dataclass defaults) stand."""
+    from .importance.base import criterion_settings
+    from .pruning.methods import ALLOCATIONS, COMPENSATIONS
+
+    specs = {"criterion": criterion_settings(), "allocation": ALLOCATIONS, "compensate": COMPENSATIONS}
     for config in configs:
         for item in dataclasses.fields(config):
-            default = "required" if item.name == "ratio" else f"default: {item.default}"
+            text = item.metadata["help"]
+            if item.name in specs:
+                text += f": {describe_specs(specs[item.name])}".replace("%", "%%")
+            if item.name == "ratio":
+                text += " (required)"
+            elif "default" not in text and item.default is not None:
+                text += f" (default: {item.default})"
             p.add_argument(f"--{item.name.replace('_', '-')}", dest=item.name, default=argparse.SUPPRESS,
-                           choices=item.metadata.get("choices"), help=f"{item.metadata['help']} ({default})")
+                           choices=item.metadata.get("choices"), help=text)
 
 
 def _settings(args: argparse.Namespace) -> dict:

@@ -97,6 +97,11 @@ def parse_spec(spec: str, registry: dict[str, type], what: str) -> tuple[str, An
     return name, build_settings(settings_class, values, f"{what} {name!r}")
 
 
+def describe_specs(registry: dict[str, type]) -> str:
+    """Every method of a registry with its settings and their defaults, as the CLI's help lists them."""
+    return " | ".join(format_spec(name, settings_class()) for name, settings_class in sorted(registry.items()))
+
+
 def format_spec(name: str, settings: Any) -> str:
     """The spec with every setting written out (`parse_spec` reads it back to equal settings)."""
     parts = [name] + [f"{f.name}={getattr(settings, f.name)!r}".replace("'", "")
@@ -114,20 +119,14 @@ class PruneConfig:
     """What to remove and how: the method."""
 
     ratio: float | None = _setting(None, "share of all decoder-layer parameters to remove, in (0, 1)")
-    criterion: str = _setting(
-        "hywia", "importance criterion, with its settings as NAME[:KEY=VALUE]...: hywia[:steps=24:batch_size=4:"
-                 "lr=0.05:temperature_start=0.3:temperature_end=0.01:log_temperature_start=1.0:"
-                 "log_temperature_end=0.05] | fixed[:alpha=0.5] (fixed:0.5) | taylor-element1 | taylor-element2 | "
-                 "taylor-vector | flap | wanda-sp | magnitude | random")
-    allocation: str = _setting(
-        "global", "uniform (same share per pruned layer) | global[:floor=0.25] (rank the groups of all pruned "
-                  "layers together; each layer keeps at least FLOOR of its groups)")
-    compensate: str = _setting(
-        "lstsq", "none | bias (fold the removed groups' mean output into a bias, FLAP) | lstsq[:ridge=0.01] "
-                 "(refit kept columns by least squares, RIDGE times the mean diagonal)")
+    criterion: str = _setting("hywia", "importance criterion, with its own settings as NAME[:KEY=VALUE]...")
+    allocation: str = _setting("global", "uniform: the same share from every pruned layer; global: the groups of "
+                                         "all pruned layers ranked together, each layer keeping at least FLOOR")
+    compensate: str = _setting("lstsq", "bias: fold the removed groups' mean output into a bias (FLAP); lstsq: "
+                                        "refit the kept columns by least squares, ridge RIDGE x the mean diagonal")
     attention: str = _setting("heads", "remove query heads evenly per KV group, or whole KV groups",
                               choices=("heads", "kv"))
-    layers: str | None = _setting(None, "layers to prune as A:B (default: keep first ~10%% and last 2)")
+    layers: str | None = _setting(None, "layers to prune as A:B (default: all but the first ~10%% and the last 2)")
     round_to: int = _setting(1, "round kept MLP widths (and heads where possible) to N")
 
 

@@ -154,20 +154,11 @@ def run(
     """
     started = time.perf_counter()
     variants = [parse_variant(spec) for spec in parse_list(criteria)]
-    if not variants:
-        raise InvalidRequestError("--criteria names no criterion")
-    ratios = [float(r) for r in ratios]
-    if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
-        raise InvalidRequestError(f"--ratios must be values strictly between 0 and 1, got {ratios}")
-    common = dict(prune_kwargs or {})
-    for options in [common] + [v.options for v in variants]:
-        check_options(options)
+    ratios, common = [float(r) for r in ratios], dict(prune_kwargs or {})
     calibration = CalibrationConfig(calib=str(calib) if calib else None, calib_samples=calib_samples,
                                     seq_len=seq_len)
     pipelines: dict[tuple, Pipeline] = {}
-    runs = [(ratio, variant, _prepare(pipelines, model, tokenizer, calibration, seed, progress, ratio,
-                                      {**common, **variant.options}, variant.criterion))
-            for ratio in ratios for variant in variants]  # every setting checked before any work
+    runs = _check_runs(pipelines, model, tokenizer, calibration, seed, progress, ratios, variants, common)
     texts, task_names = parse_texts(ppl_texts), parse_tasks(tasks)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -178,13 +169,10 @@ def run(
         "machine": machine(),
         "load_average_start": list(os.getloadavg()),
         "command": command,
-        "settings": {
-            "ratios": ratios, "criteria": [v.label for v in variants], "tasks": task_names, "limit": limit,
-            "seed": seed, "ppl_texts": texts, "ppl_tokens": ppl_tokens, "seq_len": seq_len,
-            "calibration": {"text": str(calib) if calib else DEFAULT_CALIBRATION_TEXT,
-                            "samples": calib_samples, "seq_len": seq_len, "seed": seed},
-            "prune_kwargs": common,
-        },
+        "settings": {**measure, "ratios": ratios, "criteria": [v.label for v in variants],
+                     "calibration": {"text": calibration.calib or DEFAULT_CALIBRATION_TEXT,
+                                     "samples": calib_samples, "seq_len": seq_len, "seed": seed},
+                     "prune_kwargs": common},
         "runs": [],
     }
     adapter = adapter_for(model, common.get("attention", "heads"))
@@ -208,8 +196,7 @@ def run(
         entry = _prune_copy(pipelines[_key(prepared.config)], prepared)
         say(f"{step}: pruned in {entry['prune_seconds']:.0f} s, evaluating")
         entry.update(label=variant.label, criterion=variant.criterion, options={**common, **variant.options},
-                     ratio=ratio)
-        entry["eval"] = evaluate(entry.pop("model"), tokenizer, **measure)
+                     ratio=ratio, eval=evaluate(entry.pop("model"), tokenizer, **measure))
         record["runs"].append(entry)
         _dump(json_path, record)
 
@@ -218,6 +205,20 @@ def run(
     _write_outputs(record, out_dir, markdown)
     say(f"done in {record['seconds'] / 60:.1f} min: {json_path}")
     return record
+
+
+def _check_runs(pipelines: dict, model: nn.Module, tokenizer, calibration: CalibrationConfig, seed: int,
+                progress: bool, ratios: list[float], variants: list[Variant], common: dict) -> list[tuple]:
+    """(ratio, entry, prepared run) for every run, each setting checked before any work."""
+    if not variants:
+        raise InvalidRequestError("--criteria names no criterion")
+    if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
+        raise InvalidRequestError(f"--ratios must be values strictly between 0 and 1, got {ratios}")
+    for options in [common] + [v.options for v in variants]:
+        check_options(options)
+    return [(ratio, variant, _prepare(pipelines, model, tokenizer, calibration, seed, progress, ratio,
+                                      {**common, **variant.options}, variant.criterion))
+            for ratio in ratios for variant in variants]
 
 
 def _key(config: PruneConfig) -> tuple:

@@ -94,9 +94,14 @@ def available_criteria() -> list[str]:
     return sorted(_CRITERIA)
 
 
+def criterion_settings() -> dict[str, type]:
+    """Each registered criterion's settings class, by name."""
+    return {name: _CRITERIA[name].Settings for name in available_criteria()}
+
+
 def get_criterion(spec: str) -> Criterion:
     """A criterion from its spec, `name[:value][:key=value]...` (hywia.settings), e.g. `hywia:steps=48:lr=0.05`."""
-    name, settings = parse_spec(spec, {key: cls.Settings for key, cls in _CRITERIA.items()}, "criterion")
+    name, settings = parse_spec(spec, criterion_settings(), "criterion")
     return _CRITERIA[name](**dataclasses.asdict(settings))
 
 
