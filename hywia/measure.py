@@ -59,8 +59,7 @@ class StageLog:
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         scoped = reset_peak_rss()
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        if cuda:
+        if _cuda_in_use():  # never initialised here: a CPU run on a GPU machine keeps the GPU untouched
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
@@ -71,7 +70,7 @@ class StageLog:
             peak = status_mb("VmHWM") if scoped else None
             entry["peak_rss_mb"] = peak if peak is not None else round(peak_rss_mb(), 1)
             entry["rss_scope"] = "stage" if peak is not None else "process"
-            if cuda:
+            if _cuda_in_use():  # a stage that first touched the GPU (loading) reports its peak since the start
                 torch.cuda.synchronize()
                 entry["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             previous = self.stages.get(name)
@@ -90,3 +89,7 @@ class StageLog:
 
     def to_dict(self) -> dict:
         return {name: dict(entry) for name, entry in self.stages.items()}
+
+
+def _cuda_in_use() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()

@@ -84,7 +84,9 @@ class Pipeline:
         runtime: RuntimeConfig = RuntimeConfig(),
         progress: bool = True,
         log: StageLog | None = None,
+        windows: torch.Tensor | None = None,
     ) -> None:
+        """`windows` (token ids [samples, seq_len]) replace the ones `calibration` would build from text."""
         self.model, self.tokenizer = model, tokenizer
         self.attention, self.layers = attention, layers
         self.calibration, self.runtime, self.progress = calibration, runtime, progress
@@ -92,7 +94,7 @@ class Pipeline:
         self.adapter: Adapter = adapter_for(model, attention)
         self.layer_indices = parse_layers(layers, len(self.adapter.layers()))
         self.stats: Statistics | None = None
-        self._windows: torch.Tensor | None = None
+        self._windows = windows
 
     def windows(self) -> torch.Tensor:
         """The calibration windows (built once; the same for statistics, fusion and compensation)."""
