@@ -64,13 +64,13 @@ def prune(
     config = recipe.prune
     pipeline = Pipeline(model, tokenizer, attention=config.attention, layers=config.layers,
                         calibration=recipe.calibration, runtime=recipe.runtime, progress=progress, log=log)
-    variant = pipeline.prepare(config)
+    prepared = pipeline.prepare(config)
     params_before, decoder_before = count_params(model), pipeline.adapter.num_decoder_params()
     with log.stage("perplexity_before"):
         ppl = _Perplexity(model, tokenizer, recipe)
-    pipeline.calibrate([variant])
-    pruned = pipeline.run(variant, in_place=True)
-    resolved = dataclasses.replace(recipe, prune=variant.resolved())
+    pipeline.calibrate([prepared])
+    pruned = pipeline.run(prepared, in_place=True)
+    resolved = dataclasses.replace(recipe, prune=prepared.resolved())
     with log.stage("report"):
         report = {"model": model_name, **pipeline.summary(pruned, decoder_before, params_before),
                   "placement": _placement(recipe, folder), **ppl.after(pruned.model)}

@@ -90,8 +90,6 @@ def _apply(args: argparse.Namespace) -> None:
     from .api import apply
 
     settings = _settings(args)
-    if "compensate" in vars(args):
-        settings["compensate"] = args.compensate
     model = settings.pop("model", None)
     result = apply(args.plan, model, recipe=args.recipe, out=args.out, force=args.force, **settings)
     print(f"cut to {args.plan} ({result.report['compensate']} compensation): "

@@ -32,7 +32,7 @@ DEFAULT_CALIBRATION_TEXT = "LAMBADA-openai test passages (fiction), calibration 
 
 
 @dataclass
-class Variant:
+class PreparedRun:
     """A `PruneConfig` resolved: the criterion object, the allocation and compensation with their settings, and the
     uniform allocation's counts (which also check that the ratio fits the pruned layers)."""
 
@@ -53,7 +53,7 @@ class Variant:
 class Pruned:
     model: nn.Module
     plan: PruningPlan
-    variant: Variant
+    prepared: PreparedRun
 
 
 def check_method(config: PruneConfig) -> tuple[Criterion, tuple, tuple]:
@@ -105,19 +105,19 @@ class Pipeline:
                                                 self.calibration.seq_len, self.runtime.seed)
         return self._windows
 
-    def prepare(self, config: PruneConfig) -> Variant:
+    def prepare(self, config: PruneConfig) -> PreparedRun:
         """Resolve and check a config against this model before any expensive work."""
         if (config.attention, config.layers) != (self.attention, self.layers):
             raise InvalidRequestError("a pipeline's runs share its --attention and --layers")
         criterion, allocation, compensation = check_method(config)
         keep = allocate_uniform(self.adapter, self.layer_indices, config.ratio, config.round_to)
-        return Variant(config, criterion, allocation, compensation, keep)
+        return PreparedRun(config, criterion, allocation, compensation, keep)
 
-    def calibrate(self, variants: list[Variant], *, gradients: bool = False) -> None:
-        """Stage `calibrate`: the windows, and one statistics pass with everything the variants' criteria read
+    def calibrate(self, runs: list[PreparedRun], *, gradients: bool = False) -> None:
+        """Stage `calibrate`: the windows, and one statistics pass with everything the runs' criteria read
         (and the gradient statistics in any case with `gradients`)."""
-        gradients = gradients or any(v.criterion.needs_gradients for v in variants)
-        activations = any(v.criterion.needs_activations for v in variants)
+        gradients = gradients or any(v.criterion.needs_gradients for v in runs)
+        activations = any(v.criterion.needs_activations for v in runs)
         with self.log.stage("calibrate"):
             windows = self.windows()  # built inside the stage, so its cost is counted there
             if gradients or activations:
@@ -127,22 +127,22 @@ class Pipeline:
                     store=self.runtime.activation_store,
                 )
 
-    def score(self, variant: Variant) -> dict[LayerKind, torch.Tensor]:
+    def score(self, prepared: PreparedRun) -> dict[LayerKind, torch.Tensor]:
         """Stage `score`: one score per group, on the dense model."""
         with self.log.stage("score"):
             specs = {i: self.adapter.group_specs(self.adapter.layers()[i]) for i in self.layer_indices}
-            ctx = ScoringContext(self.model, self.adapter, self.layer_indices, specs, self.windows(), variant.keep,
-                                 self.runtime.seed, self.stats, self.progress, self._allocator(variant),
-                                 variant.compensation[0])
+            ctx = ScoringContext(self.model, self.adapter, self.layer_indices, specs, self.windows(), prepared.keep,
+                                 self.runtime.seed, self.stats, self.progress, self._allocator(prepared),
+                                 prepared.compensation[0])
             with torch.random.fork_rng():
                 torch.manual_seed(self.runtime.seed)
-                return variant.criterion.score(ctx)
+                return prepared.criterion.score(ctx)
 
-    def plan(self, variant: Variant, scores: dict[LayerKind, torch.Tensor]) -> PruningPlan:
+    def plan(self, prepared: PreparedRun, scores: dict[LayerKind, torch.Tensor]) -> PruningPlan:
         """Stage `plan`: the allocation's counts, and the highest-scored groups of each kind kept."""
         with self.log.stage("plan"):
-            allocate = self._allocator(variant)
-            return select(self.adapter, scores, allocate(scores) if allocate else variant.keep)
+            allocate = self._allocator(prepared)
+            return select(self.adapter, scores, allocate(scores) if allocate else prepared.keep)
 
     def compensate(self, model: nn.Module, plan: PruningPlan, compensation: tuple[str, object]) -> None:
         """Stage `compensate`: the removed groups' contribution folded into what stays, on the calibration windows
@@ -160,14 +160,14 @@ class Pipeline:
         with self.log.stage("cut"):
             apply_plan(model, plan)
 
-    def run(self, variant: Variant, *, in_place: bool) -> Pruned:
+    def run(self, prepared: PreparedRun, *, in_place: bool) -> Pruned:
         """score -> plan -> compensate -> cut; on the model itself, or on a copy that leaves it dense."""
-        scores = self.score(variant)
-        plan = self.plan(variant, scores)
+        scores = self.score(prepared)
+        plan = self.plan(prepared, scores)
         model = self.model if in_place else copy.deepcopy(self.model)
-        self.compensate(model, plan, variant.compensation)
+        self.compensate(model, plan, prepared.compensation)
         self.cut(model, plan)
-        return Pruned(model, plan, variant)
+        return Pruned(model, plan, prepared)
 
     def apply(self, plan: PruningPlan, compensation: str) -> nn.Module:
         """A saved plan on this (dense) model: compensate as `compensation` says, then cut, without scoring."""
@@ -181,7 +181,7 @@ class Pipeline:
         """The report's description of one run: what was asked, what came out, and the stages' costs."""
         adapter = adapter_for(pruned.model, self.attention)
         decoder_after = adapter.num_decoder_params()
-        config = pruned.variant.config
+        config = pruned.prepared.config
         record = {
             "criterion": config.criterion,
             "ratio_requested": config.ratio,
@@ -203,7 +203,7 @@ class Pipeline:
                 "seq_len": self.calibration.seq_len,
                 "seed": self.runtime.seed,
             },
-            "fusion": pruned.variant.criterion.summary(),
+            "fusion": pruned.prepared.criterion.summary(),
         }
         if abs(record["ratio_achieved"] - config.ratio) > 0.01:
             record["ratio_note"] = (
@@ -212,9 +212,9 @@ class Pipeline:
             )
         return record
 
-    def _allocator(self, variant: Variant):
-        name, settings = variant.allocation
+    def _allocator(self, prepared: PreparedRun):
+        name, settings = prepared.allocation
         if name != "global":
             return None
-        return partial(allocate_global, self.adapter, self.layer_indices, variant.config.ratio,
-                       floor=settings.floor, round_to=variant.config.round_to)
+        return partial(allocate_global, self.adapter, self.layer_indices, prepared.config.ratio,
+                       floor=settings.floor, round_to=prepared.config.round_to)

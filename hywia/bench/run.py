@@ -27,7 +27,7 @@ from ..importance.fusion import spearman
 from ..importance.taylor import taylor_scores
 from ..measure import StageLog, count_params, peak_rss_mb, reset_peak_rss, status_mb
 from ..models import adapter_for
-from ..pipeline import DEFAULT_CALIBRATION_TEXT, Pipeline, Variant as PreparedRun
+from ..pipeline import DEFAULT_CALIBRATION_TEXT, Pipeline, PreparedRun
 from ..settings import CalibrationConfig, PruneConfig, RuntimeConfig
 from .plots import plot_agreement, plot_alpha, plot_widths
 from .report import render_markdown, write_markdown
