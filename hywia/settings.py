@@ -2,7 +2,7 @@
 
 A prune is fully described by a `Recipe`: the model, what to remove (`PruneConfig`), the calibration data
 (`CalibrationConfig`), where and how it runs (`RuntimeConfig`) and what it measures (`EvalConfig`). Where the output
-goes (`OutputConfig`) is not part of it, so a saved recipe re-runs anywhere. The CLI's flags are built from these
+goes (`out`, `force`) is not part of it, so a saved recipe re-runs anywhere. The CLI's flags are built from these
 fields (their `help` metadata) and `hywia.prune` takes the same names as keywords, so every setting is reachable
 from both.
 
@@ -165,14 +165,6 @@ class EvalConfig:
 
     ppl_text: str | None = _setting("lambada", "held-out text for before/after perplexity, or 'none'")
     ppl_tokens: int = _setting(16384, "tokens of that text")
-
-
-@dataclass(frozen=True)
-class OutputConfig:
-    """Where the pruned model goes; not part of a recipe."""
-
-    out: str | None = _setting(None, "output folder")
-    force: bool = _setting(False, "overwrite the output folder if it exists")
 
 
 SECTIONS: dict[str, type] = {"prune": PruneConfig, "calibration": CalibrationConfig, "runtime": RuntimeConfig,
