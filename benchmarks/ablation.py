@@ -1,7 +1,9 @@
 """Quality ablation on the embedded model: criterion x allocation x compensation at several ratios.
 
-Statistics are collected once and shared by every variant (the same calibration windows `hywia prune` uses with
-the same seed and sample count), so each row equals `hywia prune --criterion C --allocation A --compensate M`.
+One `hywia.pipeline.Pipeline` collects the statistics once and prunes a copy of the model per variant (the same
+calibration windows `hywia prune` uses with the same seed and sample count), so each row equals
+`hywia prune --criterion C --allocation A --compensate M`. A variant's parts may carry settings
+(`hywia:steps=48/global:floor=0.1/lstsq:ridge=0.001`).
 Held-out perplexity on two texts of different genres. Prints a table, writes JSON and a markdown fragment.
 
     python benchmarks/ablation.py --ratios 0.2,0.5 --variants taylor-element1/uniform/none,hywia/global/lstsq
@@ -10,22 +12,16 @@ Held-out perplexity on two texts of different genres. Prints a table, writes JSO
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
-import time
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from hywia.data.text import calibration_passages, calibration_windows
 from hywia.eval.perplexity import heldout_windows, perplexity
-from hywia.importance import ScoringContext, collect_statistics, get_criterion
 from hywia.io import load_model
-from hywia.models import adapter_for
-from hywia.pruning import allocate_global, allocate_uniform, apply_plan, parse_layers, select
-from hywia.pruning.compensate import compensate
+from hywia.pipeline import Pipeline
+from hywia.settings import CalibrationConfig, PruneConfig
 
 # The peers at their own recipes (LLM-Pruner's three criteria and Wanda-sp: uniform, no compensation; FLAP: global
 # allocation, bias compensation), then the fusion's ablation through hywia's own pipeline (global, lstsq).
@@ -50,42 +46,33 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model, tokenizer = load_model(args.model)
-    adapter = adapter_for(model)
-    layers = parse_layers(None, len(adapter.layers()))
-    batches = calibration_windows(tokenizer, calibration_passages(), args.calib_samples, args.seq_len, 0)
+    pipeline = Pipeline(model, tokenizer, calibration=CalibrationConfig(calib_samples=args.calib_samples,
+                                                                        seq_len=args.seq_len), progress=False)
+    layers = pipeline.layer_indices
     texts = {name: heldout_windows(tokenizer, name, args.seq_len, args.eval_tokens) for name in args.texts.split(",")}
-    started = time.perf_counter()
-    stats = collect_statistics(model, adapter, layers, batches, progress=False)
-    stats_seconds = time.perf_counter() - started
-    specs = {i: adapter.group_specs(adapter.layers()[i]) for i in layers}
+    runs = [pipeline.prepare(PruneConfig(ratio=float(ratio), criterion=criterion, allocation=allocation,
+                                         compensate=mode))
+            for ratio in args.ratios.split(",") for criterion, allocation, mode in
+            (variant.split("/") for variant in args.variants.split(","))]
+    pipeline.calibrate(runs)
+    stats_seconds = pipeline.log.stages["calibrate"]["seconds"]
     rows = [{"ratio": 0.0, "criterion": "dense", "allocation": "-", "compensate": "-",
              "ppl": {name: perplexity(model, w) for name, (_, w) in texts.items()}, "seconds": 0.0}]
     print(_format(rows[-1]), flush=True)
-    for ratio in (float(r) for r in args.ratios.split(",")):
-        keep = allocate_uniform(adapter, layers, ratio)
-        for variant in args.variants.split(","):
-            criterion, allocation, mode = variant.split("/")
-            started = time.perf_counter()
-            allocate = partial(allocate_global, adapter, layers, ratio) if allocation == "global" else None
-            scorer = get_criterion(criterion)
-            ctx = ScoringContext(model, adapter, layers, specs, batches, keep, 0, stats, False, allocate, mode)
-            with torch.random.fork_rng():
-                torch.manual_seed(0)
-                scores = scorer.score(ctx)
-            plan = select(adapter, scores, allocate(scores) if allocate else keep)
-            pruned = copy.deepcopy(model)
-            if mode != "none":
-                compensate(pruned, adapter_for(pruned), plan, batches, mode)
-            apply_plan(pruned, plan)
-            rows.append({
-                "ratio": ratio, "criterion": criterion, "allocation": allocation, "compensate": mode,
-                "ppl": {name: perplexity(pruned, w) for name, (_, w) in texts.items()},
-                "seconds": round(time.perf_counter() - started + stats_seconds, 1),
-                "widths": pruned.config.hywia_layers,
-                "fusion": scorer.summary(),
-            })
-            print(_format(rows[-1]), flush=True)
-            del pruned
+    for run in runs:
+        before = pipeline.log.seconds()
+        pruned = pipeline.run(run, in_place=False)
+        config = run.config
+        rows.append({
+            "ratio": config.ratio, "criterion": config.criterion, "allocation": config.allocation,
+            "compensate": config.compensate,
+            "ppl": {name: perplexity(pruned.model, w) for name, (_, w) in texts.items()},
+            "seconds": round(pipeline.log.seconds() - before + stats_seconds, 1),
+            "widths": pruned.model.config.hywia_layers,
+            "fusion": run.criterion.summary(),
+        })
+        print(_format(rows[-1]), flush=True)
+        del pruned
     meta = {
         "model": "SmolLM2-135M-Instruct (embedded Q4_1 GGUF dequantised to float32; Instruct variant)",
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), shared 2-core CPU",

@@ -18,8 +18,7 @@ SECTIONS = [
      "flap@compensate=bias,wanda-sp@allocation=uniform@compensate=none --limit 50 --ppl-tokens 4096"),
     ("LoRA recovery", "tune.md", None),
     ("Importance-estimation memory and time", "cost.md",
-     "hywia bench --cost --calib-samples 64 --cost-scale 4 --cost-repeats 3 --out-dir benchmarks/results "
-     "(same as python benchmarks/cost.py --repeats 3)"),
+     "python benchmarks/cost.py --calib-samples 64 --scale 4 --repeats 3"),
     ("Speed against the MAC ceiling", "speed.md", None),
     ("llama.cpp speed of exported GGUFs", "llamacpp_speed.md", None),
 ]

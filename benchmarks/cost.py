@@ -6,7 +6,7 @@ one set of calibration windows: writes benchmarks/results/cost.json and cost.md.
 
 import sys
 
-from hywia.bench.cost import main
+from harness.cost import main
 
 if __name__ == "__main__":
     sys.exit(main())

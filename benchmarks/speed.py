@@ -1,8 +1,7 @@
 """Dense vs 20% and 50% pruned (and 50% at round-to 8 and 64), SmolLM2-135M and a LLaMA-7B-shaped stack: prefill
 and decode speed-ups against their MAC ceilings. Writes benchmarks/results/speed.json and speed.md.
 
-    python benchmarks/speed.py                      # the defaults of hywia.bench.speed.SpeedSettings
-    hywia bench --speed --out-dir DIR               # the same through the CLI
+    python benchmarks/speed.py        # the defaults of benchmarks/harness/speed.py's SpeedSettings
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch starts its thread pool
 
-from hywia.bench.speed import (  # noqa: E402
+from harness.speed import (  # noqa: E402
     add_speed_flags,
     command_line,
     render_markdown,

@@ -5,12 +5,12 @@ loads with `AutoModelForCausalLM.from_pretrained`.
 """
 
 from . import models  # noqa: F401  (registers adapters and pruned classes)
-from .api import PruneResult, prune
+from .api import PruneResult, apply, prune
 from .errors import HywiaError
 from .eval.api import evaluate
 
 __version__ = "0.1.0"
-__all__ = ["HywiaError", "PruneResult", "TuneResult", "evaluate", "prune", "tune", "__version__"]
+__all__ = ["HywiaError", "PruneResult", "TuneResult", "apply", "evaluate", "prune", "tune", "__version__"]
 
 
 def __getattr__(name: str):

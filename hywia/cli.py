@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import threading
@@ -10,6 +11,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from .errors import HywiaError
+from .settings import CalibrationConfig, EvalConfig, PruneConfig, RuntimeConfig, describe_specs, flat_fields
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -29,37 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("prune", help="score every head and MLP channel, remove the lowest, save the model")
-    _add_model_flags(p)
+    p.add_argument("--model", default=argparse.SUPPRESS,
+                   help="local HF folder, hub name, or an embedded model (default: the recipe's, else smollm2-135m)")
+    p.add_argument("--recipe", default=None,
+                   help="re-run a saved recipe (OUT/recipe.json or report.json of an earlier prune); flags given "
+                        "here override it")
+    _add_settings_flags(p, [PruneConfig, CalibrationConfig, RuntimeConfig, EvalConfig])
     _add_trust_flag(p)
-    p.add_argument("--ratio", type=float, required=True,
-                   help="share of all decoder-layer parameters to remove, in (0, 1)")
-    p.add_argument("--criterion", default="hywia",
-                   help="hywia | fixed:A | taylor-element1 | taylor-element2 | taylor-vector | flap | wanda-sp | "
-                        "magnitude | random")
-    p.add_argument("--calib", default=None, help="UTF-8 .txt, .jsonl (field 'text') or .json; default: LAMBADA")
-    p.add_argument("--calib-samples", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--layers", default=None, help="layers to prune as A:B (default: keep first ~10%% and last 2)")
-    p.add_argument("--attention", choices=["heads", "kv"], default="heads",
-                   help="remove query heads evenly per KV group, or whole KV groups")
-    p.add_argument("--allocation", choices=["uniform", "global"], default="global",
-                   help="same share per pruned layer, or rank the groups of all pruned layers together")
-    p.add_argument("--compensate", choices=["none", "bias", "lstsq"], default="lstsq",
-                   help="fold what the removed groups wrote into a bias (FLAP) or refit kept columns by least squares")
-    p.add_argument("--round-to", type=int, default=1, help="round kept MLP widths (and heads where possible) to N")
-    p.add_argument("--importance-path", choices=["layerwise", "plain"], default="layerwise",
-                   help="gradient statistics one layer at a time (little memory) or by full backward (same scores)")
-    p.add_argument("--activation-store", choices=["auto", "memory", "disk"], default="auto",
-                   help="where the layerwise path keeps per-sample layer inputs (auto: disk on CPU, else host memory)")
-    p.add_argument("--offload", choices=["cpu", "disk"], default=None,
-                   help="keep the decoder layers there and stream them through --device one at a time")
-    p.add_argument("--device-map", default=None,
-                   help="let accelerate place the model: auto | balanced | sequential | a JSON file of a device_map")
-    p.add_argument("--offload-folder", default=None, help="folder for disk-offloaded weights (default: temporary)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.add_argument("--ppl-text", default="lambada", help="held-out text for before/after perplexity, or 'none'")
     p.add_argument("--tune", action="store_true",
                    help="then LoRA-tune the pruned model: OUT/pruned holds it untuned, OUT/merged tuned, "
                         "OUT/report.json both perplexities; --tune-* flags as in `hywia tune`")
@@ -69,7 +49,62 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parser(commands)
     _add_tune_parser(commands)
     _add_export_parser(commands)
+    _add_apply_parser(commands)
     return parser
+
+
+def _add_settings_flags(p: argparse.ArgumentParser, configs: list[type]) -> None:
+    """One flag per field of the settings dataclasses (hywia.settings), its help from the field. Flags left out are
+    absent from the parsed namespace, so a --recipe's values (or the dataclass defaults) stand."""
+    from .importance.base import criterion_settings
+    from .pruning.methods import ALLOCATIONS, COMPENSATIONS
+
+    specs = {"criterion": criterion_settings(), "allocation": ALLOCATIONS, "compensate": COMPENSATIONS}
+    for config in configs:
+        for item in dataclasses.fields(config):
+            text = item.metadata["help"]
+            if item.name in specs:
+                text += f": {describe_specs(specs[item.name])}".replace("%", "%%")
+            if item.name == "ratio":
+                text += " (required)"
+            elif "default" not in text and item.default is not None:
+                text += f" (default: {item.default})"
+            p.add_argument(f"--{item.name.replace('_', '-')}", dest=item.name, default=argparse.SUPPRESS,
+                           choices=item.metadata.get("choices"), help=text)
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """The settings flags the user gave, by field name (values converted and checked by hywia.settings)."""
+    given = {name: value for name, value in vars(args).items() if name in flat_fields() or name == "model"}
+    if "device_map" in given:
+        given["device_map"] = _device_map(given["device_map"])
+    return given
+
+
+def _add_apply_parser(commands) -> None:
+    p = commands.add_parser(
+        "apply", help="cut a dense model to a saved plan.json (no scoring), with the compensation its recipe records",
+        description="Compensation (bias, lstsq) is refitted on the calibration windows the recipe records, so the "
+                    "result equals the original prune's weights on the same machine.")
+    p.add_argument("--plan", required=True, help="plan.json of an earlier prune")
+    p.add_argument("--model", default=argparse.SUPPRESS, help="the dense model (default: the recipe's)")
+    p.add_argument("--recipe", default=None, help="recipe of the prune (default: recipe.json beside --plan)")
+    p.add_argument("--compensate", default=argparse.SUPPRESS, help="override the recipe's compensation")
+    _add_settings_flags(p, [CalibrationConfig, RuntimeConfig])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.set_defaults(run=_apply)
+
+
+def _apply(args: argparse.Namespace) -> None:
+    from .api import apply
+
+    settings = _settings(args)
+    model = settings.pop("model", None)
+    result = apply(args.plan, model, recipe=args.recipe, out=args.out, force=args.force, **settings)
+    print(f"cut to {args.plan} ({result.report['compensate']} compensation): "
+          f"{result.report['params_after']:,} parameters")
+    print(f"saved to {args.out}")
 
 
 def _limit(text: str) -> int | None:
@@ -104,13 +139,13 @@ def _add_eval_parser(commands) -> None:
 
 def _add_bench_parser(commands) -> None:
     from .bench import DEFAULT_CRITERIA, DEFAULT_LIMIT
-    from .bench.speed import add_speed_flags
 
     p = commands.add_parser("bench", help="prune with several criteria and ratios, evaluate each side by side")
     _add_model_flags(p)
     p.add_argument("--ratios", default="0.2,0.5", help="comma list of ratios")
     p.add_argument("--criteria", default=",".join(DEFAULT_CRITERIA),
-                   help="comma list; an entry may carry prune options: hywia@allocation=global@compensate=bias")
+                   help="comma list; an entry may carry prune options: hywia:steps=48@allocation=global:floor=0.1"
+                        "@compensate=bias")
     p.add_argument("--prune-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra hywia.prune argument for every run (repeatable), e.g. allocation=global")
     p.add_argument("--calib", default=None, help="UTF-8 .txt, .jsonl (field 'text') or .json; default: LAMBADA")
@@ -118,21 +153,6 @@ def _add_bench_parser(commands) -> None:
     _add_measure_flags(p, "lambada,coqa", DEFAULT_LIMIT)
     p.add_argument("--out-dir", default="bench", help="folder for bench.json, bench.md and the PNG plots")
     p.add_argument("--markdown", default=None, help="also write the table section into this file (BENCHMARKS.md)")
-    p.add_argument("--speed", action="store_true",
-                   help="instead: time the dense model against pruned copies (prefill, decode) on SmolLM2-135M and "
-                        "a LLaMA-7B-shaped stack, each speed-up against its MAC ceiling; takes the --speed-* "
-                        "flags, --seed and --out-dir (speed.json, speed.md)")
-    add_speed_flags(p, prefix="speed-")
-    p.add_argument("--cost", action="store_true",
-                   help="instead: what the importance step costs, memory-light (layerwise) path against the plain "
-                        "full backward, each in a fresh process: peak memory above the step's start (RSS; CUDA "
-                        "memory on a GPU) and seconds, at --calib-samples and at --cost-scale times as many; takes "
-                        "--model, --calib, --calib-samples, --seq-len, --dtype, --device, --seed and --out-dir "
-                        "(cost.json, cost.md)")
-    # None until given, so a quality run's recorded command does not spell out the cost benchmark's settings
-    p.add_argument("--cost-scale", type=int, default=None, help="also measure at this multiple of --calib-samples (4)")
-    p.add_argument("--cost-repeats", type=int, default=None, help="rounds at the default size, median seconds (1)")
-    p.add_argument("--cost-layers", default=None, help="layers whose statistics are taken, as A:B (default as prune)")
     p.set_defaults(run=_bench, command_parser=p)
 
 
@@ -159,14 +179,6 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    if args.speed and args.cost:
-        raise HywiaError("--speed and --cost are separate benchmarks: give one of them")
-    if args.speed:
-        _speed(args)
-        return
-    if args.cost:
-        _cost(args)
-        return
     from .bench import run
     from .bench.run import parse_option
     from .io import describe, load_model
@@ -184,34 +196,6 @@ def _bench(args: argparse.Namespace) -> None:
         calib=args.calib, calib_samples=args.calib_samples, prune_kwargs=options, out_dir=args.out_dir,
         markdown=args.markdown, model_description=describe(args.model), command=_command_line(args),
     )
-
-
-def _speed(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from .bench.speed import command_line, render_markdown, run_speed, settings_from_args
-
-    settings = settings_from_args(args)
-    command = command_line(["hywia", "bench", "--speed"], settings, prefix="speed-",
-                           extra=["--out-dir", args.out_dir])
-    print(render_markdown(run_speed(settings, args.out_dir, command)))
-    print(f"saved to {Path(args.out_dir) / 'speed.json'} and speed.md")
-
-
-def _cost(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from .bench.cost import cost, render_markdown, write
-
-    scale = 4 if args.cost_scale is None else args.cost_scale
-    repeats = 1 if args.cost_repeats is None else args.cost_repeats
-    if min(scale, repeats, args.calib_samples) < 1:
-        raise HywiaError("--calib-samples, --cost-scale and --cost-repeats must be >= 1")
-    result = cost(args.model, samples=args.calib_samples, seq_len=args.seq_len, scale=scale, layers=args.cost_layers,
-                  dtype=args.dtype, device=args.device, seed=args.seed, calib=args.calib, repeats=repeats)
-    write(result, Path(args.out_dir))
-    print(render_markdown(result))
-    print(f"saved to {Path(args.out_dir) / 'cost.json'} and cost.md")
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -315,15 +299,9 @@ def _prune(args: argparse.Namespace) -> None:
         from .recovery.api import prune_and_tune
 
         run = partial(prune_and_tune, tune=tune_options)
-    result = run(
-        args.model, ratio=args.ratio, criterion=args.criterion, calib=args.calib, calib_samples=args.calib_samples,
-        seq_len=args.seq_len, layers=args.layers, attention=args.attention, allocation=args.allocation,
-        compensate=args.compensate, round_to=args.round_to, seed=args.seed, out=args.out,
-        force=args.force, device=args.device, dtype=args.dtype, importance_path=args.importance_path,
-        activation_store=args.activation_store, offload=args.offload, device_map=_device_map(args.device_map),
-        offload_folder=args.offload_folder, trust_remote_code=args.trust_remote_code,
-        ppl_text=None if args.ppl_text == "none" else args.ppl_text,
-    )
+    settings = _settings(args)
+    result = run(settings.pop("model", None), recipe=args.recipe, out=args.out, force=args.force,
+                 trust_remote_code=args.trust_remote_code, **settings)
     if args.tune:
         print_summary(result.report["base_report"])
         print_tune_summary(result.report)
@@ -360,6 +338,9 @@ def print_summary(report: dict) -> None:
         rows.append(("learned blend, mean alpha", ", ".join(
             f"{view} {weight:.3f}" for view, weight in report["fusion"]["alpha_mean"].items())))
     rows += [("seconds", f"{report['seconds']:.1f}"), ("peak RSS (MB)", f"{report['peak_rss_mb']:.0f}")]
+    if report.get("stages"):
+        rows.append(("stages: seconds / peak RSS MB", ", ".join(
+            f"{name} {entry['seconds']:.1f}/{entry['peak_rss_mb']:.0f}" for name, entry in report["stages"].items())))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

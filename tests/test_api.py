@@ -107,3 +107,76 @@ def test_non_finite_weights_are_never_saved(tiny_model_factory, tiny_tokenizer, 
         _prune(model, tiny_tokenizer, calib_file, ratio=0.2, criterion=criterion, ppl_text=None,
                out=tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt"]
+
+
+@pytest.fixture
+def dense_folder(tiny_model_factory, tiny_tokenizer, tmp_path):
+    folder = tmp_path / "dense"
+    tiny_model_factory("llama").save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _recipe_prune(dense_folder, calib_file, out, **kwargs):
+    settings = dict(ratio=0.3, criterion="hywia:steps=4", calib=calib_file, calib_samples=4, seq_len=32,
+                    layers="0:4", ppl_text=str(calib_file), ppl_tokens=256, progress=False)
+    return prune(str(dense_folder), out=out, **{**settings, **kwargs})
+
+
+def _same_bytes(first, second, names=("plan.json", "model.safetensors")):
+    return all((first / name).read_bytes() == (second / name).read_bytes() for name in names)
+
+
+def test_report_records_every_stage(dense_folder, calib_file, tmp_path):
+    result = _recipe_prune(dense_folder, calib_file, tmp_path / "a")
+    stages = result.report["stages"]
+    assert list(stages) == ["load", "perplexity_before", "calibrate", "score", "plan", "compensate", "cut", "report"]
+    for entry in stages.values():
+        assert entry["seconds"] >= 0 and entry["peak_rss_mb"] > 0
+    assert result.report["peak_rss_mb"] >= max(entry["peak_rss_mb"] for entry in stages.values())
+
+
+def test_a_saved_recipe_reruns_to_the_same_bytes(dense_folder, calib_file, tmp_path):
+    from hywia.cli import main
+
+    first = tmp_path / "first"
+    _recipe_prune(dense_folder, calib_file, first)
+    recipe = json.loads((first / "recipe.json").read_text())
+    assert recipe["prune"]["criterion"].startswith("hywia:steps=4:batch_size=4:lr=0.05")  # every setting written out
+    assert recipe["prune"]["compensate"] == "lstsq:ridge=0.01" and recipe["model"] == str(dense_folder)
+    assert main(["prune", "--recipe", str(first / "recipe.json"), "--out", str(tmp_path / "again")]) == 0
+    assert _same_bytes(first, tmp_path / "again")
+    # a flag overrides the recipe; a report.json is a recipe too
+    assert main(["prune", "--recipe", str(first / "report.json"), "--seed", "1", "--out", str(tmp_path / "s1")]) == 0
+    assert json.loads((tmp_path / "s1" / "recipe.json").read_text())["runtime"]["seed"] == 1
+
+
+def test_apply_cuts_a_dense_model_to_a_saved_plan(dense_folder, calib_file, tmp_path, capsys):
+    from hywia import apply
+    from hywia.cli import main
+
+    pruned = tmp_path / "pruned"
+    _recipe_prune(dense_folder, calib_file, pruned, allocation="uniform", compensate="lstsq:ridge=0.05")
+    assert main(["apply", "--plan", str(pruned / "plan.json"), "--model", str(dense_folder),
+                 "--out", str(tmp_path / "applied")]) == 0
+    assert _same_bytes(pruned, tmp_path / "applied")
+    # without the recipe the compensation must be named; then the plan alone decides what goes
+    (tmp_path / "plan_only").mkdir()
+    (tmp_path / "plan_only" / "plan.json").write_bytes((pruned / "plan.json").read_bytes())
+    assert main(["apply", "--plan", str(tmp_path / "plan_only" / "plan.json"), "--model", str(dense_folder),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--compensate" in capsys.readouterr().err
+    plain = apply(tmp_path / "plan_only" / "plan.json", str(dense_folder), compensate="none", progress=False)
+    assert plain.report["stages"].keys() == {"load", "cut"}
+    widths = [{key: value for key, value in layer.items() if key != "added_biases"}  # no compensation, no bias
+              for layer in json.loads((pruned / "config.json").read_text())["hywia_layers"]]
+    assert plain.model.config.hywia_layers == widths
+
+
+def test_criterion_settings_reach_the_pipeline(tiny_model_factory, tiny_tokenizer, calib_file):
+    result = _prune(tiny_model_factory("llama"), tiny_tokenizer, calib_file, ratio=0.3, ppl_text=None,
+                    criterion="hywia:steps=2:batch_size=1", allocation="global:floor=0.5")
+    assert result.report["fusion"]["steps"] == 2
+    assert result.report["recipe"]["prune"]["allocation"] == "global:floor=0.5"
+    with pytest.raises(InvalidRequestError, match="give settings as key=value"):
+        _prune(tiny_model_factory("llama"), tiny_tokenizer, calib_file, ratio=0.3, criterion="hywia:8")

@@ -98,12 +98,12 @@ def test_bad_eval_window_flags_are_refused_before_the_model_loads(tmp_path, caps
 def test_flags_that_do_not_fit_the_model_are_refused_before_calibration(
     tiny_folder, calib_text, tmp_path, capsys, monkeypatch, flags, expected
 ):
-    import hywia.api
+    import hywia.pipeline
 
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibration started")
 
-    monkeypatch.setattr(hywia.api, "calibration_windows", no_calibration)
+    monkeypatch.setattr(hywia.pipeline, "calibration_windows", no_calibration)
     argv = ["prune", "--model", str(tiny_folder), "--ratio", "0.3", "--calib", str(calib_text), "--calib-samples",
             "4", "--seq-len", "32", "--layers", "0:4", "--ppl-text", "none", "--out", str(tmp_path / "o"), *flags]
     assert main(argv) == 2
@@ -134,3 +134,20 @@ def test_eval_refuses_bad_perplexity_text_before_loading_and_long_windows_after(
             "--ppl-tokens", "300"]
     assert main(argv) == 2
     assert "--seq-len 300 exceeds the model's 256 positions" in _one_line_error(capsys)
+@pytest.mark.parametrize("flags, message", [
+    (["--criterion", "hywia:8"], "give settings as key=value"),
+    (["--allocation", "global:floor=2"], "floor must lie in"),
+    (["--compensate", "lstsq:ridge=x"], "ridge must be float"),
+    (["--seed", "one"], "seed must be int"),
+    (["--recipe", "missing.json"], "cannot read recipe"),
+])
+def test_cli_refuses_bad_settings_in_one_line(tmp_path, capsys, flags, message):
+    assert main(["prune", "--ratio", "0.2", *flags, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_needs_a_ratio_unless_the_recipe_has_one(tmp_path, capsys):
+    assert main(["prune", "--out", str(tmp_path / "o")]) == 2
+    assert "--ratio is required" in capsys.readouterr().err

@@ -124,8 +124,9 @@ def render_markdown(record: dict, base: Path) -> str:
                      "Accuracy in %, acc_norm where lm-eval reports it, acc otherwise (BoolQ, WinoGrande); "
                      "average = their mean." + _standard_errors(record))
     lines.append("- **Columns**: ratio = requested (achieved share of decoder parameters removed); prune s = "
-                 "wall seconds of `hywia.prune` (calibration pass, scoring, surgery); peak MB = the process's "
-                 "peak resident memory during that prune, the bench's in-memory dense copy included. bench.json also "
+                 "wall seconds of scoring, planning, compensation and surgery (the calibration pass, shared by the runs "
+                 "of one layer range, is `calibration_passes` in bench.json); peak MB = the process's peak resident "
+                 "memory during that prune, the bench's in-memory dense copy included. bench.json also "
                  "holds CPU seconds (`prune_cpu_seconds`, `eval.cpu_seconds`), the steadier measure on a shared "
                  "machine.")
     if record.get("command"):

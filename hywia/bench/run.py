@@ -7,12 +7,10 @@ no time goes to reloading. Runs are written to `bench.json` as they finish, so a
 
 from __future__ import annotations
 
-import copy
-import inspect
+import dataclasses
 import json
 import math
 import os
-import resource
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -20,18 +18,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from ..api import prune
-from ..data.text import calibration_passages, calibration_windows, read_text_file
 from ..errors import InvalidRequestError
 from ..eval.api import evaluate, machine, parse_list, parse_tasks, parse_texts
-from ..importance import ScoringContext, collect_statistics, get_criterion
+from ..importance import ScoringContext
 from ..importance.fusion import spearman
 from ..importance.taylor import taylor_scores
+from ..measure import StageLog, count_params, peak_rss_mb, reset_peak_rss, status_mb
 from ..models import adapter_for
-from ..pruning import parse_layers
+from ..pipeline import DEFAULT_CALIBRATION_TEXT, Pipeline, PreparedRun
+from ..settings import CalibrationConfig, PruneConfig, RuntimeConfig
 from .plots import plot_agreement, plot_alpha, plot_widths
 from .report import render_markdown, write_markdown
 
@@ -46,14 +43,17 @@ DEFAULT_CRITERIA = (
 )
 DEFAULT_LIMIT = 100
 
-# `prune` arguments the bench sets itself: one model, one calibration set and one evaluation for every run.
+# Prune settings an entry may carry: the method's, and how its statistics are taken (entries that differ in the
+# latter four get their own calibration pass). The bench sets the rest itself: one model, one calibration set and
+# one evaluation for every run.
+_OPTIONS = {"allocation", "compensate", "round_to", "attention", "layers", "importance_path", "activation_store"}
 _RESERVED = {"model", "tokenizer", "ratio", "criterion", "calib", "calib_samples", "seq_len", "seed", "out", "force",
-             "device", "dtype", "ppl_text", "ppl_tokens", "progress"}
+             "device", "dtype", "ppl_text", "ppl_tokens", "progress", "offload", "device_map", "offload_folder"}
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One pruning configuration: a criterion plus extra `prune` keyword arguments, labelled as it was written."""
+    """One pruning configuration: a criterion plus prune settings, labelled as it was written."""
 
     label: str
     criterion: str
@@ -84,12 +84,11 @@ def parse_variant(spec: str) -> Variant:
 
 
 def check_options(options: dict) -> None:
-    """Fail before an hour of work if an option is not a `prune` argument the bench leaves open."""
-    allowed = set(inspect.signature(prune).parameters) - _RESERVED
+    """Fail before an hour of work if an option is not a prune setting the bench leaves open."""
     for key in options:
-        if key not in allowed:
+        if key not in _OPTIONS:
             reason = "is set by the bench for every run" if key in _RESERVED else "is not an argument of hywia.prune"
-            raise InvalidRequestError(f"prune option {key!r} {reason}; options allowed: {', '.join(sorted(allowed))}")
+            raise InvalidRequestError(f"prune option {key!r} {reason}; options allowed: {', '.join(sorted(_OPTIONS))}")
 
 
 @contextmanager
@@ -99,43 +98,23 @@ def peak_memory() -> Iterator[dict]:
     On Linux the high-water mark is reset on entry (/proc/self/clear_refs), so the peak is this block's own;
     elsewhere it is the process peak so far, and `scope` says so.
     """
-    record: dict = {}
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        scope = "run"
-    except OSError:
-        scope = "process"
-    record["rss_before_mb"] = _status_mb("VmRSS")
+    scope = "run" if reset_peak_rss() else "process"
+    record: dict = {"rss_before_mb": status_mb("VmRSS")}
     try:
         yield record
     finally:
-        peak = _status_mb("VmHWM") if scope == "run" else None
-        record["peak_rss_mb"] = peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = status_mb("VmHWM") if scope == "run" else None
+        record["peak_rss_mb"] = peak if peak is not None else peak_rss_mb()
         record["scope"] = scope if peak is not None else "process"
 
 
-def _status_mb(field_name: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
-
-
-def granularity_agreement(
-    model: nn.Module, batches: torch.Tensor, *, layers: str | None, attention: str, progress: bool
-) -> list[dict]:
+def granularity_agreement(pipeline: Pipeline) -> list[dict]:
     """Per pruned layer and kind, Spearman correlation of the fine-grained (taylor-element1/2) with the
-    coarse-grained (taylor-vector) scores on the dense model: low values mean the granularities would keep
-    different structures, which is what HyWIA's fusion exploits."""
-    adapter = adapter_for(model, attention)
-    layer_indices = parse_layers(layers, len(adapter.layers()))
-    stats = collect_statistics(model, adapter, layer_indices, batches, gradients=True, activations=False,
-                               progress=progress)
-    specs = {i: adapter.group_specs(adapter.layers()[i]) for i in layer_indices}
-    ctx = ScoringContext(model, adapter, layer_indices, specs, batches, {}, stats=stats, progress=progress)
+    coarse-grained (taylor-vector) scores on the dense model, from the pipeline's calibration pass: low values mean
+    the granularities would keep different structures, which is what HyWIA's fusion exploits."""
+    specs = {i: pipeline.adapter.group_specs(pipeline.adapter.layers()[i]) for i in pipeline.layer_indices}
+    ctx = ScoringContext(pipeline.model, pipeline.adapter, pipeline.layer_indices, specs, pipeline.windows(), {},
+                         stats=pipeline.stats, progress=pipeline.progress)
     coarse = taylor_scores(ctx, "coarse", 1)
     fine1, fine2 = taylor_scores(ctx, "fine", 1), taylor_scores(ctx, "fine", 2)
     return [
@@ -169,41 +148,31 @@ def run(
     """Prune `model` (never modified) once per (criterion entry, ratio), evaluate each result and the dense model,
     and write `bench.json`, `bench.md` and the plots into `out_dir` (plus the table section of `markdown`).
 
-    `criteria` entries may carry extra `prune` arguments (`hywia@allocation=global`); `prune_kwargs` apply to every
-    run, an entry's own options override them. Returns the JSON record.
+    `criteria` entries may carry prune settings (`hywia@allocation=global`); `prune_kwargs` apply to every run, an
+    entry's own options override them. Runs that share their layers, attention and statistics path share one
+    calibration pass (hywia.pipeline); each run compensates and cuts its own copy. Returns the JSON record.
     """
     started = time.perf_counter()
     variants = [parse_variant(spec) for spec in parse_list(criteria)]
-    if not variants:
-        raise InvalidRequestError("--criteria names no criterion")
-    ratios = [float(r) for r in ratios]
-    if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
-        raise InvalidRequestError(f"--ratios must be values strictly between 0 and 1, got {ratios}")
-    common = dict(prune_kwargs or {})
-    for options in [common] + [v.options for v in variants]:
-        check_options(options)
-    for variant in variants:
-        get_criterion(variant.criterion)  # a misspelt name fails now, not after an hour of other runs
+    ratios, common = [float(r) for r in ratios], dict(prune_kwargs or {})
+    calibration = CalibrationConfig(calib=str(calib) if calib else None, calib_samples=calib_samples,
+                                    seq_len=seq_len)
+    pipelines: dict[tuple, Pipeline] = {}
+    runs = _check_runs(pipelines, model, tokenizer, calibration, seed, progress, ratios, variants, common)
     texts, task_names = parse_texts(ppl_texts), parse_tasks(tasks)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     say = _printer(progress)
-
-    passages = read_text_file(Path(calib)) if calib else calibration_passages()
-    batches = calibration_windows(tokenizer, passages, calib_samples, seq_len, seed)
     measure = dict(ppl_texts=texts, tasks=task_names, limit=limit, seed=seed, seq_len=seq_len, ppl_tokens=ppl_tokens)
     record: dict = {
         "model": model_description or getattr(model.config, "_name_or_path", "") or type(model).__name__,
         "machine": machine(),
         "load_average_start": list(os.getloadavg()),
         "command": command,
-        "settings": {
-            "ratios": ratios, "criteria": [v.label for v in variants], "tasks": task_names, "limit": limit,
-            "seed": seed, "ppl_texts": texts, "ppl_tokens": ppl_tokens, "seq_len": seq_len,
-            "calibration": {"text": str(calib) if calib else "LAMBADA-openai test passages (fiction), calibration part",
-                            "samples": calib_samples, "seq_len": seq_len, "seed": seed},
-            "prune_kwargs": common,
-        },
+        "settings": {**measure, "ratios": ratios, "criteria": [v.label for v in variants],
+                     "calibration": {"text": calibration.calib or DEFAULT_CALIBRATION_TEXT,
+                                     "samples": calib_samples, "seq_len": seq_len, "seed": seed},
+                     "prune_kwargs": common},
         "runs": [],
     }
     adapter = adapter_for(model, common.get("attention", "heads"))
@@ -214,57 +183,99 @@ def run(
     record["dense"] = evaluate(model, tokenizer, **measure)
     _dump(json_path, record)
 
-    say("dense model: fine- vs coarse-grained rank agreement")
-    agreement_started = time.perf_counter()
-    record["granularity_agreement"] = {
-        "per_layer": granularity_agreement(model, batches, layers=common.get("layers"),
-                                           attention=common.get("attention", "heads"), progress=progress),
-    }
-    record["granularity_agreement"]["seconds"] = round(time.perf_counter() - agreement_started, 2)
+    say("dense model: calibration, and fine- vs coarse-grained rank agreement")
+    reference = _prepare(pipelines, model, tokenizer, calibration, seed, progress, ratios[0], common, "taylor-vector")
+    record["calibration_passes"] = [_calibrate(pipelines[key], [r for _, _, r in runs], key)
+                                    for key in pipelines]
+    record["granularity_agreement"] = {"per_layer": granularity_agreement(pipelines[_key(reference.config)])}
     _dump(json_path, record)
 
-    total = len(ratios) * len(variants)
-    for ratio in ratios:
-        for variant in variants:
-            say(f"[{len(record['runs']) + 1}/{total}] {variant.label} at ratio {ratio}: pruning")
-            working = copy.deepcopy(model)
-            cpu_started = time.process_time()
-            with peak_memory() as memory:
-                result = prune(
-                    working, tokenizer=tokenizer, ratio=ratio, criterion=variant.criterion, calib=calib,
-                    calib_samples=calib_samples, seq_len=seq_len, seed=seed, ppl_text=None, progress=progress,
-                    **{**common, **variant.options},
-                )
-            say(f"[{len(record['runs']) + 1}/{total}] {variant.label} at ratio {ratio}: "
-                f"pruned in {result.report['seconds']:.0f} s, evaluating")
-            record["runs"].append({
-                "label": variant.label,
-                "criterion": variant.criterion,
-                "options": {**common, **variant.options},
-                "ratio": ratio,
-                "prune_seconds": result.report["seconds"],
-                "prune_cpu_seconds": round(time.process_time() - cpu_started, 2),
-                "memory": memory,
-                "report": result.report,
-                "eval": evaluate(result.model, tokenizer, **measure),
-            })
-            _dump(json_path, record)
-            del working, result
+    for ratio, variant, prepared in runs:
+        step = f"[{len(record['runs']) + 1}/{len(runs)}] {variant.label} at ratio {ratio}"
+        say(f"{step}: pruning")
+        entry = _prune_copy(pipelines[_key(prepared.config)], prepared)
+        say(f"{step}: pruned in {entry['prune_seconds']:.0f} s, evaluating")
+        entry.update(label=variant.label, criterion=variant.criterion, options={**common, **variant.options},
+                     ratio=ratio, eval=evaluate(entry.pop("model"), tokenizer, **measure))
+        record["runs"].append(entry)
+        _dump(json_path, record)
 
     record["load_average_end"] = list(os.getloadavg())
     record["seconds"] = round(time.perf_counter() - started, 2)
+    _write_outputs(record, out_dir, markdown)
+    say(f"done in {record['seconds'] / 60:.1f} min: {json_path}")
+    return record
+
+
+def _check_runs(pipelines: dict, model: nn.Module, tokenizer, calibration: CalibrationConfig, seed: int,
+                progress: bool, ratios: list[float], variants: list[Variant], common: dict) -> list[tuple]:
+    """(ratio, entry, prepared run) for every run, each setting checked before any work."""
+    if not variants:
+        raise InvalidRequestError("--criteria names no criterion")
+    if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
+        raise InvalidRequestError(f"--ratios must be values strictly between 0 and 1, got {ratios}")
+    for options in [common] + [v.options for v in variants]:
+        check_options(options)
+    return [(ratio, variant, _prepare(pipelines, model, tokenizer, calibration, seed, progress, ratio,
+                                      {**common, **variant.options}, variant.criterion))
+            for ratio in ratios for variant in variants]
+
+
+def _key(config: PruneConfig) -> tuple:
+    """What a calibration pass depends on beyond the shared windows (the statistics path aside: one per key)."""
+    return config.attention, config.layers
+
+
+def _prepare(pipelines: dict, model: nn.Module, tokenizer, calibration: CalibrationConfig, seed: int,
+             progress: bool, ratio: float, options: dict, criterion: str) -> PreparedRun:
+    """The run's settings checked against the model, and the pipeline (one per layer range and statistics path)
+    that will prune it."""
+    prune_fields = {f.name for f in dataclasses.fields(PruneConfig)}
+    config = PruneConfig(ratio=ratio, criterion=criterion, **{k: v for k, v in options.items() if k in prune_fields})
+    runtime = RuntimeConfig(seed=seed, **{k: v for k, v in options.items() if k not in prune_fields})
+    key = _key(config)
+    if key not in pipelines:
+        pipelines[key] = Pipeline(model, tokenizer, attention=config.attention, layers=config.layers,
+                                  calibration=calibration, runtime=runtime, progress=progress)
+    elif pipelines[key].runtime != runtime:
+        raise InvalidRequestError("entries with the same --layers and attention must share importance_path and "
+                                  "activation_store (one calibration pass)")
+    return pipelines[key].prepare(config)
+
+
+def _calibrate(pipeline: Pipeline, runs: list[PreparedRun], key: tuple) -> dict:
+    """One calibration pass for every run of this pipeline (gradients always: the agreement reads them)."""
+    pipeline.log = StageLog()
+    pipeline.calibrate([r for r in runs if _key(r.config) == key], gradients=True)
+    return {"attention": key[0], "layers": key[1], "samples": len(pipeline.windows()),
+            **pipeline.log.to_dict()["calibrate"]}
+
+
+def _prune_copy(pipeline: Pipeline, prepared: PreparedRun) -> dict:
+    """score -> plan -> compensate -> cut on a copy of the dense model; its report, seconds and memory."""
+    pipeline.log = StageLog()
+    cpu_started = time.process_time()
+    with peak_memory() as memory:
+        pruned = pipeline.run(prepared, in_place=False)
+    decoder_before = pipeline.adapter.num_decoder_params()
+    report = {**pipeline.summary(pruned, decoder_before, count_params(pipeline.model)),
+              "stages": pipeline.log.to_dict()}
+    memory["peak_rss_mb"] = max(memory["peak_rss_mb"], pipeline.log.peak_rss_mb())
+    return {"model": pruned.model, "prune_seconds": pipeline.log.seconds(),
+            "prune_cpu_seconds": round(time.process_time() - cpu_started, 2), "memory": memory, "report": report}
+
+
+def _write_outputs(record: dict, out_dir: Path, markdown: str | Path | None) -> None:
     plots = {
         "widths": plot_widths(record, out_dir / "widths.png"),
         "agreement": plot_agreement(record, out_dir / "agreement.png"),
         "alpha": plot_alpha(record, out_dir / "alpha.png"),
     }
     record["plots"] = {name: str(path) for name, path in plots.items() if path is not None}
-    _dump(json_path, record)
+    _dump(out_dir / "bench.json", record)
     write_markdown(out_dir / "bench.md", render_markdown(record, out_dir))
     if markdown is not None:
         write_markdown(Path(markdown), render_markdown(record, Path(markdown).parent))
-    say(f"done in {record['seconds'] / 60:.1f} min: {json_path}")
-    return record
 
 
 def _printer(enabled: bool):

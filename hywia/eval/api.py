@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..api import count_params
+from ..measure import count_params
 from ..data.text import check_seq_len_fits, check_text_source, check_window_sizes
 from ..errors import InvalidRequestError
 from ..io import describe, load_model

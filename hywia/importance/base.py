@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
-from ..errors import InvalidRequestError
-from ..models import Adapter, GroupSpec, TensorSlice
+from ..models import Adapter, GroupSpec, LayerKind, TensorSlice
 from ..offload import resident
-
-if TYPE_CHECKING:  # statistics.py builds on this module's `blocks`
-    from .statistics import Statistics
-
-LayerKind = tuple[int, str]
+from ..settings import NoSettings, format_spec, parse_spec
+from .statistics import Statistics, blocks
 
 
 @dataclass
@@ -53,11 +50,24 @@ class ScoringContext:
 
 
 class Criterion(ABC):
-    """Scores every group; higher means more important (kept first)."""
+    """Scores every group; higher means more important (kept first).
+
+    A criterion with settings of its own declares them as a frozen dataclass `Settings`; it is constructed from
+    their keywords (`HywiaFusion(steps=8)`) or from a spec (`get_criterion("hywia:steps=8")`).
+    """
 
     name: ClassVar[str] = ""
     needs_gradients: ClassVar[bool] = False
     needs_activations: ClassVar[bool] = False
+    Settings: ClassVar[type] = NoSettings
+
+    def __init__(self, **settings) -> None:
+        self.settings = self.Settings(**settings)
+
+    @property
+    def spec(self) -> str:
+        """Name and every setting, as `get_criterion` reads it back."""
+        return format_spec(self.name, self.settings)
 
     @abstractmethod
     def score(self, ctx: ScoringContext) -> dict[LayerKind, torch.Tensor]:
@@ -84,20 +94,15 @@ def available_criteria() -> list[str]:
     return sorted(_CRITERIA)
 
 
+def criterion_settings() -> dict[str, type]:
+    """Each registered criterion's settings class, by name."""
+    return {name: _CRITERIA[name].Settings for name in available_criteria()}
+
+
 def get_criterion(spec: str) -> Criterion:
-    """A criterion from its name; `name:arg` passes one argument (e.g. `fixed:0.5`)."""
-    name, _, arg = spec.partition(":")
-    if name not in _CRITERIA:
-        raise InvalidRequestError(f"unknown criterion {spec!r}; available: {', '.join(available_criteria())}")
-    try:
-        return _CRITERIA[name](arg) if arg else _CRITERIA[name]()
-    except (TypeError, ValueError) as exc:
-        raise InvalidRequestError(f"bad criterion {spec!r}: {exc}") from exc
-
-
-def blocks(tensor: torch.Tensor, s: TensorSlice, count: int) -> torch.Tensor:
-    """A per-weight map reshaped to [count, elements of each group] for one slice."""
-    return tensor.movedim(s.dim, 0).narrow(0, s.offset, count * s.block).reshape(count, -1)
+    """A criterion from its spec, `name[:value][:key=value]...` (hywia.settings), e.g. `hywia:steps=48:lr=0.05`."""
+    name, settings = parse_spec(spec, criterion_settings(), "criterion")
+    return _CRITERIA[name](**dataclasses.asdict(settings))
 
 
 def reduce_groups(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Criterion, LayerKind, ScoringContext, blocks, register_criterion
+from .base import Criterion, LayerKind, ScoringContext, register_criterion
+from .statistics import blocks
 
 
 @register_criterion("random")

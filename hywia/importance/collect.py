@@ -19,12 +19,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calibration import STORES
 from ..errors import InvalidRequestError
 from ..models import Adapter
 from ..offload import execution_device, is_offloaded
 from .statistics import (Statistics, accumulate, activation_hooks, check_finite, lm_loss, non_finite_loss_error,
                          taylor_terms)
-from .layerwise import STORES, layerwise_gradients
+from .layerwise import layerwise_gradients
 
 PATHS = ("layerwise", "plain")
 

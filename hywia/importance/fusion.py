@@ -17,14 +17,16 @@ With a global allocation the soft mask sees it: one threshold over all pruned la
 - log(parameters per group), where each (layer, kind)'s scale starts at its mean raw fine-grained saliency and
 is learned with the blend, so the end-to-end objective also decides how much each layer gives up.
 
-The third view is this project's addition to the paper's two (HYWIA.md): with least-squares compensation, ranking
-by the loss-based views alone kept far worse groups at 50% (BENCHMARKS.md).
+The third view is this project's addition to the two the HyWIA method defines: with least-squares compensation, ranking
+by the loss-based views alone kept far worse groups at 50% (the ablation in BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -64,23 +66,31 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
 
 
+@dataclass(frozen=True)
+class BlendSettings:
+    alpha: float = 0.5  # weight of the fine-grained view
+
+    positional: ClassVar[str] = "alpha"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"the blend weight alpha must lie in [0, 1], got {self.alpha}")
+
+
 @register_criterion("fixed")
 class FixedBlend(Criterion):
     """A fixed blend A * fine + (1 - A) * coarse of the normalised scores (`fixed:0.5`)."""
 
     needs_gradients = True
-
-    def __init__(self, alpha: str | float = 0.5) -> None:
-        self.alpha = float(alpha)
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError("the blend weight must lie in [0, 1]")
+    Settings = BlendSettings
 
     def score(self, ctx: ScoringContext) -> dict[LayerKind, torch.Tensor]:
+        alpha = self.settings.alpha
         fine, coarse, scale = granularities(ctx)
-        return {key: (self.alpha * fine[key] + (1 - self.alpha) * coarse[key]) * scale[key] for key in fine}
+        return {key: (alpha * fine[key] + (1 - alpha) * coarse[key]) * scale[key] for key in fine}
 
     def summary(self) -> dict:
-        return {"alpha_fine": self.alpha}
+        return {"alpha_fine": self.settings.alpha}
 
 
 def _token_features(score: torch.Tensor) -> torch.Tensor:
@@ -114,25 +124,39 @@ class FusionAttention(nn.Module):
         return logits.softmax(-1)
 
 
+@dataclass(frozen=True)
+class FusionSettings:
+    """The learned blend's optimisation: Adam steps on `batch_size` calibration windows each, at learning rate `lr`;
+    the soft gates' temperature anneals geometrically from start to end (`log_temperature_*` for the global
+    allocation's gates on log score per parameter)."""
+
+    steps: int = 24
+    batch_size: int = 4
+    lr: float = 0.05
+    temperature_start: float = 0.3
+    temperature_end: float = 0.01
+    log_temperature_start: float = 1.0
+    log_temperature_end: float = 0.05
+
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("steps must be >= 0, batch_size >= 1 and lr > 0")
+        if min(self.temperature_start, self.temperature_end, self.log_temperature_start,
+               self.log_temperature_end) <= 0:
+            raise ValueError("temperatures must be > 0")
+
+
 @register_criterion("hywia")
 class HywiaFusion(Criterion):
     """The learned fusion (see module docstring)."""
 
     needs_gradients = True
     needs_activations = True
+    Settings = FusionSettings
 
-    def __init__(
-        self,
-        steps: int = 24,
-        batch_size: int = 4,
-        lr: float = 0.05,
-        temperature: tuple[float, float] = (0.3, 0.01),
-        log_temperature: tuple[float, float] = (1.0, 0.05),
-    ) -> None:
-        if steps < 0:
-            raise ValueError("steps must be >= 0")
-        self.steps, self.batch_size, self.lr = steps, batch_size, lr
-        self.temperature, self.log_temperature = temperature, log_temperature
+    def __init__(self, **settings) -> None:
+        super().__init__(**settings)
         self._summary: dict = {}
 
     def score(self, ctx: ScoringContext) -> dict[LayerKind, torch.Tensor]:
@@ -162,11 +186,11 @@ class HywiaFusion(Criterion):
             return {k: sum(alphas[k][:, i] * views[v][k] for i, v in enumerate(VIEWS)) for k in keys}, alphas
 
         if ctx.allocate is None:
-            losses = self._learn_uniform(ctx, attention, blend) if self.steps else []
+            losses = self._learn_uniform(ctx, attention, blend) if self.settings.steps else []
         else:
             # The soft mask sees the global allocation: one threshold over all layers, on score per parameter.
             keep = ctx.allocate({k: sum(views[v][k] for v in VIEWS) / len(VIEWS) * scale[k] for k in keys})
-            losses = self._learn_global(ctx, attention, blend, log_scale, keys, keep) if self.steps else []
+            losses = self._learn_global(ctx, attention, blend, log_scale, keys, keep) if self.settings.steps else []
         with torch.no_grad():
             scores, alphas = blend()
         learned_log_scale = log_scale.detach()
@@ -178,7 +202,7 @@ class HywiaFusion(Criterion):
                  "log_scale_learned_shift": float(learned_log_scale[i] - initial_log_scale[i])}
                 for i, k in enumerate(keys)
             ],
-            "steps": self.steps,
+            "steps": self.settings.steps,
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None,
         }
@@ -197,7 +221,8 @@ class HywiaFusion(Criterion):
             return {k: torch.sigmoid((scores[k] - torch.quantile(scores[k], share)) / temperature)
                     for k, share in removed_share.items() if share > 0}
 
-        return self._optimise(ctx, list(attention.parameters()), gates, self.temperature)
+        temperature = (self.settings.temperature_start, self.settings.temperature_end)
+        return self._optimise(ctx, list(attention.parameters()), gates, temperature)
 
     def _learn_global(
         self, ctx: ScoringContext, attention: FusionAttention, blend, log_scale: nn.Parameter,
@@ -221,7 +246,8 @@ class HywiaFusion(Criterion):
             soft = torch.sigmoid((z - tau) / temperature)
             return dict(zip(keys, soft.split([specs[k].count for k in keys])))
 
-        return self._optimise(ctx, [*attention.parameters(), log_scale], gates, self.log_temperature)
+        temperature = (self.settings.log_temperature_start, self.settings.log_temperature_end)
+        return self._optimise(ctx, [*attention.parameters(), log_scale], gates, temperature)
 
     def _optimise(self, ctx: ScoringContext, params: list, gates_at, temperature: tuple[float, float]) -> list[float]:
         """Minimise the LM loss of the frozen model under the soft gates, annealing T; returns the loss per step."""
@@ -229,18 +255,19 @@ class HywiaFusion(Criterion):
             raise InvalidRequestError("the learned fusion needs calibration samples")
         device = next(ctx.model.parameters()).device
         dtype = next(ctx.model.parameters()).dtype
-        optimizer = torch.optim.Adam(params, lr=self.lr)
+        optimizer = torch.optim.Adam(params, lr=self.settings.lr)
+        steps, batch_size = self.settings.steps, self.settings.batch_size
         specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
         generator = torch.Generator().manual_seed(ctx.seed)
         t_start, t_end = temperature
         losses = []
         gates: dict[LayerKind, torch.Tensor] = {}
         with _frozen(ctx.model), _gated(ctx, specs, gates, _replacements(ctx, specs)):
-            for step in tqdm(range(self.steps), desc="fusion", disable=not ctx.progress, leave=False):
-                t = t_start * (t_end / t_start) ** (step / max(self.steps - 1, 1))
+            for step in tqdm(range(steps), desc="fusion", disable=not ctx.progress, leave=False):
+                t = t_start * (t_end / t_start) ** (step / max(steps - 1, 1))
                 gates.clear()
                 gates.update({k: g.to(device, dtype) for k, g in gates_at(t).items()})
-                pick = torch.randint(ctx.batches.shape[0], (self.batch_size,), generator=generator)
+                pick = torch.randint(ctx.batches.shape[0], (batch_size,), generator=generator)
                 loss = lm_loss(ctx.model, ctx.batches[pick].to(device))
                 optimizer.zero_grad()
                 loss.backward()

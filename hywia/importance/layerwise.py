@@ -24,9 +24,6 @@ import ctypes
 import ctypes.util
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -34,110 +31,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calibration import ActivationStore, LayerCall, capture_layer_inputs
 from ..errors import UnsupportedModelError
-from ..io import tempfiles
 from ..models import Adapter, GroupSpec
 from ..offload import execution_device, resident
 from .statistics import (Statistics, TaylorTerms, activation_hooks, check_finite, lm_loss, non_finite_loss_error,
                          taylor_terms)
 
-STORES = ("auto", "memory", "disk")
 UPSTREAM = "upstream"
 HEAD_CHUNK_ELEMENTS = 2**20  # logits per head chunk: 4 MB in float32
 HEAD_CHECK_TOKENS = 16
-
-
-class ActivationStore:
-    """Per-sample tensors by (key, sample): in host memory, or in one file per key in a temporary folder.
-
-    On disk the tensors cost no process memory beyond the one being read, which is what lets the pass stay within
-    a fraction of the model's own memory on a CPU, where host memory is the device memory.
-    """
-
-    def __init__(self, on_disk: bool) -> None:
-        self.folder = tempfiles.temp_dir("activations") if on_disk else None
-        self._memory: dict[tuple, torch.Tensor] = {}
-        self._files: dict[object, tuple] = {}
-
-    def put(self, key: object, index: int, tensor: torch.Tensor) -> None:
-        tensor = tensor.detach().to("cpu", copy=True)  # a copy: the model may reuse the memory it came from
-        if self.folder is None:
-            self._memory[(key, index)] = tensor
-            return
-        raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-        handle, entries = self._file(key)
-        entry = entries.get(index)
-        offset = entry[0] if entry is not None and entry[3] == raw.nbytes else handle.seek(0, 2)
-        handle.seek(offset)
-        handle.write(memoryview(raw))
-        entries[index] = (offset, tensor.shape, tensor.dtype, raw.nbytes)
-
-    def get(self, key: object, index: int, device: torch.device) -> torch.Tensor:
-        if self.folder is None:
-            return self._memory[(key, index)].to(device).detach()
-        handle, entries = self._files[key]
-        offset, shape, dtype, nbytes = entries[index]
-        buffer = bytearray(nbytes)
-        handle.seek(offset)
-        handle.readinto(buffer)
-        return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(shape).to(device)
-
-    def drop(self, key: object) -> None:
-        for item in [item for item in self._memory if item[0] == key]:
-            del self._memory[item]
-        if key in self._files:
-            handle, _ = self._files.pop(key)
-            handle.close()
-            Path(handle.name).unlink()
-
-    def close(self) -> None:
-        for key in list(self._files):
-            self.drop(key)
-        self._memory.clear()
-        if self.folder is not None:
-            tempfiles.release(self.folder)
-
-    def _file(self, key: object) -> tuple:
-        if key not in self._files:
-            self._files[key] = (open(self.folder / f"{key}.bin", "w+b"), {})
-        return self._files[key]
-
-
-@dataclass
-class LayerCall:
-    """How the model called a decoder layer for one sample, minus the hidden states."""
-
-    args: tuple
-    kwargs: dict
-    positional: bool
-
-    def sharing(self, previous: "LayerCall") -> "LayerCall":
-        """This call, holding `previous`'s tensors wherever they are equal: windows of one length share their
-        positions and mask, so the stored calls stay one sample's worth however many samples there are."""
-        kwargs = {k: _reuse(v, previous.kwargs.get(k)) for k, v in self.kwargs.items()}
-        return LayerCall(_reuse(self.args, previous.args), kwargs, self.positional)
-
-    def run(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        if self.positional:
-            out = layer(hidden, *self.args, **self.kwargs)
-        else:
-            out = layer(*self.args, hidden_states=hidden, **self.kwargs)
-        return out[0] if isinstance(out, tuple) else out
-
-
-def _reuse(value, previous):
-    """`previous` where it equals `value` (tensors, tuples of them), else `value`."""
-    if isinstance(value, torch.Tensor) and isinstance(previous, torch.Tensor):
-        same = (value.shape == previous.shape and value.dtype == previous.dtype and value.device == previous.device
-                and torch.equal(value, previous))
-        return previous if same else value
-    if isinstance(value, tuple) and isinstance(previous, tuple) and len(value) == len(previous):
-        return tuple(_reuse(v, p) for v, p in zip(value, previous))
-    return value
-
-
-class _Stop(Exception):
-    """Ends a forward pass once the last pruned layer has run: nothing above it is needed yet."""
 
 
 def layerwise_gradients(
@@ -162,7 +65,10 @@ def layerwise_gradients(
     bar = tqdm(total=len(batches) * (high - low + 3), desc="calibration", disable=not progress, leave=False)
     try:
         prefixes = [adapter.layer_name(i) + "." for i in layer_indices] if activations else []
-        calls, arity = capture_layer_inputs(model, layers, low, high, batches, acts, stats, prefixes, bar)
+        with activation_hooks(model, stats, prefixes):
+            calls, arity = capture_layer_inputs(model, layers, low, high, batches, acts, bar)
+        stats.tokens += batches.numel()
+        stats.samples += len(batches)
         _top(model, layers, high, batches, acts, stats, arity, bar)
         if not math.isfinite(stats.loss):  # checked here: the top layer's gradient would show it, misnamed
             raise non_finite_loss_error(model, adapter, batches)
@@ -178,60 +84,6 @@ def layerwise_gradients(
         bar.close()
         acts.close()
     return stats
-
-
-def capture_layer_inputs(
-    model: nn.Module,
-    layers: list[nn.Module],
-    low: int,
-    high: int,
-    batches: torch.Tensor,
-    acts: ActivationStore,
-    stats: Statistics,
-    prefixes: list[str],
-    bar: tqdm | None = None,
-    input_layers: set[int] | None = None,
-) -> tuple[dict[int, list[LayerCall]], int]:
-    """Step 1: store the input of each layer low..high (of `input_layers` only, when given) and every call of
-    them, and the last one's output (key high + 1).
-
-    Returns the calls and the arity of a layer's output (0: a tensor; n: a tuple of n, hidden states first).
-    """
-    calls: dict[int, list[LayerCall]] = {index: [] for index in range(low, high + 1)}
-    state = {"sample": 0, "arity": 0}
-
-    def before(module: nn.Module, args: tuple, kwargs: dict, index: int) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if input_layers is None or index in input_layers:
-            acts.put(index, state["sample"], hidden)
-        call = LayerCall(tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}, bool(args))
-        calls[index].append(call.sharing(calls[index][-1]) if calls[index] else call)
-
-    def after(module: nn.Module, args: tuple, output) -> None:
-        state["arity"] = len(output) if isinstance(output, tuple) else 0
-        acts.put(high + 1, state["sample"], output[0] if isinstance(output, tuple) else output)
-        raise _Stop
-
-    handles = [layers[i].register_forward_pre_hook(partial(before, index=i), with_kwargs=True)
-               for i in range(low, high + 1)]
-    handles.append(layers[high].register_forward_hook(after))
-    device = execution_device(model)
-    try:
-        with activation_hooks(model, stats, prefixes), torch.no_grad():
-            for sample, ids in enumerate(batches):
-                state["sample"] = sample
-                try:
-                    model(input_ids=ids[None].to(device), use_cache=False)
-                except _Stop:
-                    pass
-                stats.tokens += ids.numel()
-                stats.samples += 1
-                if bar is not None:
-                    bar.update()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls, state["arity"]
 
 
 def _top(

@@ -18,9 +18,8 @@ from torch import nn
 
 from ..errors import CalibrationError
 from ..io.checks import first_non_finite
-from ..models import Adapter, GroupSpec, TensorSlice
+from ..models import Adapter, GroupSpec, LayerKind, TensorSlice
 from ..offload import execution_device
-from .base import LayerKind, blocks
 
 
 @dataclass
@@ -63,6 +62,11 @@ def lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Mean causal-LM loss of a batch of windows."""
     logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+
+def blocks(tensor: torch.Tensor, s: TensorSlice, count: int) -> torch.Tensor:
+    """A per-weight map reshaped to [count, elements of each group] for one slice."""
+    return tensor.movedim(s.dim, 0).narrow(0, s.offset, count * s.block).reshape(count, -1)
 
 
 def taylor_terms(

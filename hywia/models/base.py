@@ -16,6 +16,8 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 
+LayerKind = tuple[int, str]  # (decoder layer index, group kind): the key of every per-group table downstream
+
 
 @dataclass(frozen=True)
 class TensorSlice:
@@ -36,8 +38,9 @@ class GroupSpec:
     """All groups of one structure kind in one layer: `count` coupled groups sharing the same slices.
 
     Kinds used by the built-in adapters: "head" (a query head), "kv" (a KV head with all its query heads),
-    "mlp" (an MLP channel). `output_slices` are the slices that write the group's contribution into the residual
-    stream: zeroing them removes the group exactly, which is what masks and soft gates act on.
+    "mlp" (an MLP channel). `gate_module` is the output projection through which the groups write into the
+    residual stream (o_proj, down_proj), and each group feeds `gate_block` consecutive input columns of it: zeroing
+    those inputs removes the group exactly, which is what the fusion's soft gates and compensation act on.
     """
 
     kind: str

@@ -23,8 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..importance.layerwise import ActivationStore, capture_layer_inputs
-from ..importance.statistics import Statistics
+from ..calibration import ActivationStore, capture_layer_inputs
 from ..models import Adapter, GroupSpec
 from ..models.surgery import add_bias
 from ..offload import editable, execution_device, resident
@@ -112,8 +111,7 @@ def compensate(
     low, high = min(plan.layers), max(plan.layers)
     acts = ActivationStore(on_disk=False)
     try:
-        calls, _ = capture_layer_inputs(model, layers, low, high, batches, acts, Statistics(), [],
-                                        input_layers={low})
+        calls, _ = capture_layer_inputs(model, layers, low, high, batches, acts, input_layers={low})
         hidden = [acts.get(low, sample, torch.device("cpu")) for sample in range(len(batches))]
     finally:
         acts.close()

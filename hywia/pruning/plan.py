@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidRequestError
-from ..models import Adapter, GroupSpec, TensorSlice
+from ..models import Adapter, GroupSpec, LayerKind, TensorSlice
 
-LayerKind = tuple[int, str]
-GLOBAL_FLOOR = 0.25  # share of each (layer, kind) that global allocation never removes
+GLOBAL_FLOOR = 0.25  # share of each (layer, kind) that global allocation keeps by default
 GLOBAL_TOLERANCE = 0.005  # share of the decoder parameters global allocation may miss the target by
 
 
@@ -147,15 +146,16 @@ def check_round_to(adapter: Adapter, layer_indices: list[int], round_to: int) ->
 
 
 def check_plan_request(
-    adapter: Adapter, layers: str | None, ratio: float, allocation: str, round_to: int
+    adapter: Adapter, layers: str | None, ratio: float, round_to: int, global_floor: float | None
 ) -> list[int]:
     """The layers to prune, once `--layers`, `--round-to` and the ratio are known to fit the model's shapes:
-    everything that can be refused without scores, refused before calibration."""
+    everything that can be refused without scores, refused before calibration. `global_floor` is the global
+    allocation's floor, None for the uniform allocation."""
     layer_indices = parse_layers(layers, len(adapter.layers()))
     check_round_to(adapter, layer_indices, round_to)
     check_uniform_reachable(adapter, layer_indices, ratio)
-    if allocation == "global":
-        check_global_reachable(adapter, layer_indices, ratio)
+    if global_floor is not None:
+        check_global_reachable(adapter, layer_indices, ratio, floor=global_floor)
     return layer_indices
 
 

@@ -32,7 +32,8 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..api import peak_rss_mb, prune, prune_inputs
+from ..api import load_recipe, prune, prune_inputs
+from ..measure import peak_rss_mb
 from ..errors import InvalidRequestError
 from ..eval.perplexity import heldout_windows, perplexity
 from ..io import check_output, describe, load_model, local_path, save_model, write_text_atomic
@@ -201,18 +202,19 @@ def prune_and_tune(
         raise InvalidRequestError(
             "prune --tune runs in one process: prune first, then `accelerate launch -m hywia.cli tune`"
         )
+    settings = {key: value for key, value in prune_options.items() if key not in ("tokenizer", "progress", "recipe", "trust_remote_code")}
+    p = load_recipe(prune_options.get("recipe")).replace(**settings)  # a misspelt setting fails before pruning
+    # the held-out text, its windows, seed and dtype carry over to tuning
+    tune_args = {"ppl_text": p.eval.ppl_text, "ppl_seq_len": p.calibration.seq_len, "ppl_tokens": p.eval.ppl_tokens,
+                 "seed": p.runtime.seed, "dtype": p.runtime.dtype, **(tune or {})}
     try:
-        pruning = inspect.signature(prune).bind_partial(model, **prune_options)
-        pruning.apply_defaults()
-        p = pruning.arguments  # the held-out text, its windows, seed and dtype carry over to tuning
-        tune_args = {"ppl_text": p["ppl_text"], "ppl_seq_len": p["seq_len"], "ppl_tokens": p["ppl_tokens"],
-                     "seed": p["seed"], "dtype": p["dtype"], **(tune or {})}
         bound = inspect.signature(tune_model).bind(out / "pruned", out=out, merge=True, resume=True, **tune_args)
     except TypeError as exc:
         raise InvalidRequestError(f"prune --tune options: {exc}") from exc
     bound.apply_defaults()
     tune_data = bound.arguments["data"]
-    check_output(out, force, inputs={**prune_inputs(p["model"], p["calib"], p["offload_folder"], p["ppl_text"]),
+    read = p.replace(model=str(model)) if isinstance(model, (str, Path)) else p
+    check_output(out, force, inputs={**prune_inputs(read),
                                      "--tune-data": local_path(tune_data)})
     _check_settings(bound.arguments, out_checked=True)
     if out.exists():

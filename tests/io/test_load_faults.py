@@ -216,7 +216,7 @@ def test_cuda_without_a_gpu(tiny_tokenizer, tmp_path, capfd):
     ({"model": [0], "lm_head": "cpu"}, "[0] is not a device"),
     ({"": "cuda:999"}, "--device-map '': 'cuda:999'"),
     ({"model": -1, "lm_head": "cpu"}, "'model': 'cuda:-1' is not a device"),
-    (["cpu"], "must be one of auto"),
+    (["cpu"], "device_map must be str or dict"),
 ])
 def test_bad_device_map_file(tiny_tokenizer, tmp_path, capfd, text_file, placement, message):
     folder = _save(tmp_path / "model", tiny_tokenizer)

@@ -5,9 +5,10 @@ import copy
 import pytest
 import torch
 
-from hywia.importance import ScoringContext, collect_statistics, get_criterion
 from hywia.models import adapter_for
-from hywia.pruning import PruningPlan, allocate_uniform, apply_plan, mask_plan, parse_layers, select
+from hywia.pipeline import Pipeline
+from hywia.pruning import PruningPlan, allocate_uniform, apply_plan, mask_plan, select
+from hywia.settings import PruneConfig, RuntimeConfig
 
 FAMILIES = [
     ("llama", dict(heads=4, kv_heads=4)),  # MHA
@@ -18,15 +19,14 @@ FAMILIES = [
 
 
 def _plan(model, ratio, attention="heads", criterion="taylor-element1", seed=0):
-    adapter = adapter_for(model, attention)
-    layers = parse_layers("0:4", len(adapter.layers()))
-    keep = allocate_uniform(adapter, layers, ratio)
+    """calibrate -> score -> plan through the pipeline, on random token windows."""
     batches = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(seed))
-    scorer = get_criterion(criterion)
-    stats = collect_statistics(model, adapter, layers, batches, progress=False)
-    specs = {i: adapter.group_specs(adapter.layers()[i]) for i in layers}
-    ctx = ScoringContext(model, adapter, layers, specs, batches, keep, seed, stats, progress=False)
-    return select(adapter, scorer.score(ctx), keep)
+    pipeline = Pipeline(model, None, attention=attention, layers="0:4", runtime=RuntimeConfig(seed=seed),
+                        windows=batches, progress=False)
+    run = pipeline.prepare(PruneConfig(ratio=ratio, criterion=criterion, allocation="uniform", attention=attention,
+                                       layers="0:4"))
+    pipeline.calibrate([run])
+    return pipeline.plan(run, pipeline.score(run))
 
 
 def _logits(model, ids):
@@ -53,7 +53,9 @@ def test_physical_removal_equals_zeroing(tiny_model_factory, family, shape, atte
 def test_ratio_zero_changes_nothing(tiny_model_factory, family, shape):
     model = tiny_model_factory(family, **shape)
     ids = torch.randint(0, 300, (2, 20))
-    plan = _plan(model, 0.0)
+    adapter = adapter_for(model)
+    keep = allocate_uniform(adapter, [0, 1, 2, 3], 0.0)  # the pipeline refuses ratio 0; the allocation allows it
+    plan = select(adapter, {key: torch.rand(count) for key, count in keep.items()}, keep)
     assert all(len(kept) == spec.count for (i, keep) in plan.layers.items()
                for spec in adapter_for(model).group_specs(adapter_for(model).layers()[i])
                for kind, kept in keep.items() if kind == spec.kind)

@@ -142,11 +142,11 @@ def test_the_largest_reachable_share_is_what_each_allocation_reaches(tiny_model_
 
 def test_plan_request_checks_layers_round_to_and_the_allocation(tiny_model_factory):
     adapter = adapter_for(tiny_model_factory("llama", layers=6))
-    assert check_plan_request(adapter, "1:5", 0.3, "global", 8) == [1, 2, 3, 4]
+    assert check_plan_request(adapter, "1:5", 0.3, 8, GLOBAL_FLOOR) == [1, 2, 3, 4]
     with pytest.raises(InvalidRequestError, match="--layers"):
-        check_plan_request(adapter, "1", 0.3, "global", 1)
+        check_plan_request(adapter, "1", 0.3, 1, GLOBAL_FLOOR)
     with pytest.raises(InvalidRequestError, match="--round-to 128"):
-        check_plan_request(adapter, "1:5", 0.3, "global", 128)
-    assert check_plan_request(adapter, "2:4", 0.2, "uniform", 1) == [2, 3]
+        check_plan_request(adapter, "1:5", 0.3, 128, GLOBAL_FLOOR)
+    assert check_plan_request(adapter, "2:4", 0.2, 1, None) == [2, 3]
     with pytest.raises(InvalidRequestError, match="--allocation global"):
-        check_plan_request(adapter, "2:4", 0.2, "global", 1)
+        check_plan_request(adapter, "2:4", 0.2, 1, GLOBAL_FLOOR)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hywia.bench.speed import (
+from benchmarks.harness.speed import (
     Decoder,
     SpeedSettings,
     Variant,
@@ -146,31 +146,37 @@ def test_benchmark_shape_relates_speedups_to_ceilings(tiny_model_factory):
     assert "`hywia bench --speed`" in markdown and "| 30% round-to 16 |" in markdown
 
 
-def test_bench_speed_flag_dispatches_with_its_settings(tmp_path, monkeypatch, capsys):
-    import hywia.bench.speed as speed
-    from hywia.cli import _command_line, build_parser, main
+def test_speed_script_dispatches_with_its_settings(monkeypatch, capsys):
+    import importlib.util
+    from pathlib import Path
 
+    script_path = Path(__file__).parents[2] / "benchmarks" / "speed.py"
+    monkeypatch.syspath_prepend(str(script_path.parent))  # the script imports its harness as `harness.speed`
+    spec = importlib.util.spec_from_file_location("speed_script", script_path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
     calls = []
-    monkeypatch.setattr(speed, "run_speed", lambda settings, out_dir, command: calls.append((settings, command)))
-    monkeypatch.setattr(speed, "render_markdown", lambda record: "table")
-    argv = ["bench", "--speed", "--speed-repetitions", "1", "--speed-shapes", "smollm2-135m", "--seed", "3",
-            "--out-dir", str(tmp_path)]
-    assert main(argv) == 0
+    monkeypatch.setattr(script, "run_speed", lambda settings, out_dir, command: calls.append((settings, command)))
+    monkeypatch.setattr(script, "render_markdown", lambda record: "table")
+    assert script.main(["--repetitions", "1", "--shapes", "smollm2-135m", "--seed", "3"]) == 0
     settings, command = calls[0]
     assert settings.shapes == ["smollm2-135m"] and settings.repetitions_of("smollm2-135m") == 1
     assert (settings.seed, settings.ratios) == (3, [0.2, 0.5])
-    assert command.startswith("hywia bench --speed --speed-shapes smollm2-135m")
-    assert "--speed-round-to 1,8,64" in command and command.endswith(f"--out-dir {tmp_path}")
-    assert "table" in capsys.readouterr().out
-    # the speed flags stay out of the command line a quality bench records
-    args = build_parser().parse_args(["bench"])
-    assert "--speed" not in _command_line(args)
+    assert command.startswith("python benchmarks/speed.py --shapes smollm2-135m")
+    assert "--round-to 1,8,64" in command and "table" in capsys.readouterr().out
+
+
+def test_the_cli_has_no_speed_benchmark():
+    from hywia.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--speed"])
 
 
 def test_empty_list_settings_round_trip_as_none():
     import argparse
 
-    from hywia.bench.speed import add_speed_flags, command_line, settings_from_args
+    from benchmarks.harness.speed import add_speed_flags, command_line, settings_from_args
 
     parser = argparse.ArgumentParser()
     add_speed_flags(parser)

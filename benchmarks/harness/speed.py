@@ -1,4 +1,4 @@
-"""`hywia bench --speed`: how much faster pruned models run, measured against the ceiling their MACs set.
+"""benchmarks/speed.py: how much faster pruned models run, measured against the ceiling their MACs set.
 
 Structured pruning is worth its accuracy loss only if the smaller model runs faster. The ceiling is what the removed
 arithmetic could buy at most: dense MACs per token / pruned MACs per token, counting every Linear weight once
@@ -45,9 +45,9 @@ from transformers import (
     StaticCache,
 )
 
-from ..errors import InvalidRequestError
-from ..models import adapter_for
-from ..pruning import allocate_uniform, apply_plan, select
+from hywia.errors import InvalidRequestError
+from hywia.models import adapter_for
+from hywia.pruning import allocate_uniform, apply_plan, select
 
 SHAPES = ("smollm2-135m", "llama-7b-shaped")
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
@@ -95,7 +95,7 @@ class SpeedSettings:
 def build_shape(name: str, llama_layers: int = 2, seed: int = 0) -> tuple[nn.Module, str]:
     """(model in eval mode, description for the table) for one of `SHAPES`."""
     if name == "smollm2-135m":
-        from ..io import describe, load_model
+        from hywia.io import describe, load_model
 
         model, _ = load_model(None, device="cpu", dtype="float32")
         return model, f"{describe(None)}, real weights"
@@ -364,8 +364,8 @@ def benchmark_shape(name: str, model: nn.Module, description: str, settings: Spe
 
 def run_speed(settings: SpeedSettings, out_dir: str | Path, command: str) -> dict:
     """Benchmark every shape and write speed.json and speed.md into `out_dir`; returns the record."""
-    from ..eval.api import machine
-    from ..io.checks import strict_json
+    from hywia.eval.api import machine
+    from hywia.io.checks import strict_json
 
     unknown = [s for s in settings.shapes if s not in SHAPES]
     if unknown:
@@ -445,7 +445,7 @@ def render_markdown(record: dict, goal: float = 0.9) -> str:
 
 
 def add_speed_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
-    """The settings as flags; `hywia bench` takes them as --speed-*, benchmarks/speed.py without a prefix.
+    """The settings as flags of benchmarks/speed.py (as --PREFIXname with a `prefix`).
 
     Flags default to None (meaning: the SpeedSettings default), so they stay out of commands that do not use them.
     """

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import TINY_TEXT, build_tiny_model
-from hywia.bench.cost import measure_step, render_markdown, summarise
+from benchmarks.harness.cost import main, measure_step, render_markdown, summarise
 
 
 def test_measure_step_on_a_tiny_model(tiny_tokenizer, tmp_path):
@@ -41,27 +41,17 @@ def test_summary_ratios_and_goals():
     assert table.count("\n| layerwise |") == 2 and "NOT met" not in table
 
 
-def test_cli_bench_cost_measures_both_paths_at_both_sizes(tiny_tokenizer, tmp_path, capsys):
+def test_cost_script_measures_both_paths_at_both_sizes(tiny_tokenizer, tmp_path, capsys):
     import json
-
-    from hywia.cli import main
 
     folder = tmp_path / "model"
     build_tiny_model("llama").save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     (tmp_path / "calib.txt").write_text("\n\n".join([TINY_TEXT] * 6))
     out = tmp_path / "cost"
-    assert main(["bench", "--cost", "--model", str(folder), "--calib", str(tmp_path / "calib.txt"),
-                 "--calib-samples", "2", "--cost-scale", "2", "--seq-len", "16", "--cost-layers", "0:4",
-                 "--device", "cpu", "--out-dir", str(out)]) == 0
+    assert main(["--model", str(folder), "--calib", str(tmp_path / "calib.txt"), "--calib-samples", "2",
+                 "--scale", "2", "--seq-len", "16", "--layers", "0:4", "--device", "cpu", "--out-dir", str(out)]) == 0
     result = json.loads((out / "cost.json").read_text())
     assert {(row["label"], row["samples"]) for row in result["summary"]} == {
         (label, n) for label in ("plain", "layerwise", "layerwise, memory store") for n in (2, 4)}
     assert "| layerwise | 2 |" in (out / "cost.md").read_text() and "Goals" in capsys.readouterr().out
-
-
-def test_cli_bench_takes_one_benchmark_at_a_time(capsys):
-    from hywia.cli import main
-
-    assert main(["bench", "--cost", "--speed"]) == 2
-    assert "give one of them" in capsys.readouterr().err

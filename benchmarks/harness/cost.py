@@ -1,4 +1,4 @@
-"""`hywia bench --cost`: what the importance step costs, memory-light (layerwise) path against the plain one.
+"""benchmarks/cost.py: what the importance step costs, memory-light (layerwise) path against the plain one.
 
 Every measurement runs in a fresh Python process, so no path inherits another's allocations: the process loads the
 model, makes its weights resident (the loader maps safetensors lazily), builds the calibration windows, then
@@ -36,19 +36,18 @@ def measure_step(
     model: str | None, path: str, store: str, samples: int, seq_len: int, layers: str | None, dtype: str,
     device: str | None, seed: int, calib: str | None = None,
 ) -> dict:
-    """One statistics pass in this process (call it in a fresh one): memory added and seconds."""
-    from ..data.text import calibration_passages, calibration_windows, read_text_file
-    from ..importance import collect_statistics
-    from ..io import load_model
-    from ..models import adapter_for
-    from ..pruning import parse_layers
+    """One statistics pass (the pipeline's calibrate stage) in this process (call it in a fresh one): memory added
+    and seconds."""
+    from hywia.io import load_model
+    from hywia.pipeline import Pipeline
+    from hywia.settings import CalibrationConfig, RuntimeConfig
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     net, tokenizer = load_model(model, device=device, dtype=dtype)
-    adapter = adapter_for(net)
-    layer_indices = parse_layers(layers, len(adapter.layers()))
-    passages = read_text_file(Path(calib)) if calib else calibration_passages()
-    batches = calibration_windows(tokenizer, passages, samples, seq_len, seed)
+    pipeline = Pipeline(net, tokenizer, layers=layers, progress=False,
+                        calibration=CalibrationConfig(calib=calib, calib_samples=samples, seq_len=seq_len),
+                        runtime=RuntimeConfig(importance_path=path, activation_store=store, seed=seed))
+    pipeline.windows()  # built before the measurement starts
     unique = {p.data_ptr(): p for p in net.parameters()}.values()
     weights_mb = sum(p.numel() * p.element_size() for p in unique) / 2**20
     with torch.no_grad():
@@ -58,8 +57,8 @@ def measure_step(
     gc.collect()
     start = _memory_start(on_cuda)
     wall, cpu = time.perf_counter(), time.process_time()
-    stats = collect_statistics(net, adapter, layer_indices, batches, gradients=True, activations=False,
-                               progress=False, path=path, store=store)
+    pipeline.calibrate([], gradients=True)
+    stats = pipeline.stats
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak = _memory_peak(on_cuda)
     return {
@@ -95,7 +94,7 @@ def _status_mb(field: str) -> float:
 
 def _run_worker(spec: dict) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    done = subprocess.run([sys.executable, "-m", "hywia.bench.cost", "--worker", json.dumps(spec)],
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
                           capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"cost worker failed ({spec}):\n{done.stderr[-3000:]}")
@@ -196,7 +195,7 @@ def render_markdown(result: dict) -> str:
 
 
 def write(result: dict, out_dir: Path) -> None:
-    from ..io.checks import strict_json
+    from hywia.io.checks import strict_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "cost.json").write_text(strict_json(result, indent=1))
@@ -204,7 +203,7 @@ def write(result: dict, out_dir: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hywia bench --cost", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="benchmarks/cost.py", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="as for `hywia prune` (default: smollm2-135m)")
     parser.add_argument("--calib", default=None, help=".txt or .jsonl (default: LAMBADA passages)")
     parser.add_argument("--calib-samples", type=int, default=64)

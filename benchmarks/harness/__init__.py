@@ -1,0 +1,1 @@
+"""Benchmark harnesses behind the scripts in benchmarks/: not part of the installed package."""

@@ -1,0 +1,6 @@
+"""The calibration runner below both scoring and pruning: stored layer inputs and the calls that replay them."""
+
+from .capture import LayerCall, capture_layer_inputs
+from .store import STORES, ActivationStore
+
+__all__ = ["STORES", "ActivationStore", "LayerCall", "capture_layer_inputs"]

@@ -1,0 +1,105 @@
+"""Run calibration windows up to a decoder layer and keep what each layer received: its input and its call.
+
+Both the layer-by-layer statistics (`hywia.importance.layerwise`) and compensation (`hywia.pruning.compensate`)
+replay a decoder layer on stored inputs; this is the one place that records them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..offload import execution_device
+from .store import ActivationStore
+
+
+@dataclass
+class LayerCall:
+    """How the model called a decoder layer for one sample, minus the hidden states."""
+
+    args: tuple
+    kwargs: dict
+    positional: bool
+
+    def sharing(self, previous: "LayerCall") -> "LayerCall":
+        """This call, holding `previous`'s tensors wherever they are equal: windows of one length share their
+        positions and mask, so the stored calls stay one sample's worth however many samples there are."""
+        kwargs = {k: _reuse(v, previous.kwargs.get(k)) for k, v in self.kwargs.items()}
+        return LayerCall(_reuse(self.args, previous.args), kwargs, self.positional)
+
+    def run(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        if self.positional:
+            out = layer(hidden, *self.args, **self.kwargs)
+        else:
+            out = layer(*self.args, hidden_states=hidden, **self.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _reuse(value, previous):
+    """`previous` where it equals `value` (tensors, tuples of them), else `value`."""
+    if isinstance(value, torch.Tensor) and isinstance(previous, torch.Tensor):
+        same = (value.shape == previous.shape and value.dtype == previous.dtype and value.device == previous.device
+                and torch.equal(value, previous))
+        return previous if same else value
+    if isinstance(value, tuple) and isinstance(previous, tuple) and len(value) == len(previous):
+        return tuple(_reuse(v, p) for v, p in zip(value, previous))
+    return value
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the last pruned layer has run: nothing above it is needed yet."""
+
+
+def capture_layer_inputs(
+    model: nn.Module,
+    layers: list[nn.Module],
+    low: int,
+    high: int,
+    batches: torch.Tensor,
+    acts: ActivationStore,
+    bar: tqdm | None = None,
+    input_layers: set[int] | None = None,
+) -> tuple[dict[int, list[LayerCall]], int]:
+    """Store the input of each layer low..high (of `input_layers` only, when given) and every call of
+    them, and the last one's output (key high + 1).
+
+    Forward hooks the caller holds (activation sums, say) see every sample up to layer `high`. Returns the calls
+    and the arity of a layer's output (0: a tensor; n: a tuple of n, hidden states first).
+    """
+    calls: dict[int, list[LayerCall]] = {index: [] for index in range(low, high + 1)}
+    state = {"sample": 0, "arity": 0}
+
+    def before(module: nn.Module, args: tuple, kwargs: dict, index: int) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if input_layers is None or index in input_layers:
+            acts.put(index, state["sample"], hidden)
+        call = LayerCall(tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}, bool(args))
+        calls[index].append(call.sharing(calls[index][-1]) if calls[index] else call)
+
+    def after(module: nn.Module, args: tuple, output) -> None:
+        state["arity"] = len(output) if isinstance(output, tuple) else 0
+        acts.put(high + 1, state["sample"], output[0] if isinstance(output, tuple) else output)
+        raise _Stop
+
+    handles = [layers[i].register_forward_pre_hook(partial(before, index=i), with_kwargs=True)
+               for i in range(low, high + 1)]
+    handles.append(layers[high].register_forward_hook(after))
+    device = execution_device(model)
+    try:
+        with torch.no_grad():
+            for sample, ids in enumerate(batches):
+                state["sample"] = sample
+                try:
+                    model(input_ids=ids[None].to(device), use_cache=False)
+                except _Stop:
+                    pass
+                if bar is not None:
+                    bar.update()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls, state["arity"]

@@ -1,0 +1,95 @@
+"""What a run costs: parameter counts, peak memory, and each stage's seconds and peaks.
+
+Kept below every other module (it imports none of them), so the API, evaluation, recovery and the benchmarks all
+measure the same way.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def status_mb(field_name: str) -> float | None:
+    """A memory line of /proc/self/status in MB (VmRSS, VmHWM), or None where there is no such file."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS mark (VmHWM) from the current RSS; False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+class StageLog:
+    """Seconds and peak memory of each named stage of a run, in the order they ran.
+
+    On Linux each stage's peak RSS is its own (the peak mark is reset on entry); elsewhere it is the process peak so
+    far and `rss_scope` says so. On a GPU the CUDA peak (allocated memory) is recorded too. Resetting the mark
+    also resets what `peak_rss_mb()` reports afterwards: take the process peak before a logged run if it matters.
+    """
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        scoped = reset_peak_rss()
+        if _cuda_in_use():  # never initialised here: a CPU run on a GPU machine keeps the GPU untouched
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            entry = {"seconds": round(time.perf_counter() - started, 3)}
+            peak = status_mb("VmHWM") if scoped else None
+            entry["peak_rss_mb"] = peak if peak is not None else round(peak_rss_mb(), 1)
+            entry["rss_scope"] = "stage" if peak is not None else "process"
+            if _cuda_in_use():  # a stage that first touched the GPU (loading) reports its peak since the start
+                torch.cuda.synchronize()
+                entry["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            previous = self.stages.get(name)
+            if previous is not None:  # a stage run twice (one per variant): the sum of seconds, the larger peaks
+                entry = {key: (previous[key] + value if key == "seconds" else
+                               max(previous[key], value) if isinstance(value, float) else value)
+                         for key, value in entry.items()}
+            self.stages[name] = entry
+
+    def peak_rss_mb(self) -> float:
+        """The largest stage peak (0 before any stage)."""
+        return round(max([0.0] + [entry["peak_rss_mb"] for entry in self.stages.values()]), 1)
+
+    def seconds(self) -> float:
+        return round(sum(entry["seconds"] for entry in self.stages.values()), 2)
+
+    def to_dict(self) -> dict:
+        return {name: dict(entry) for name, entry in self.stages.items()}
+
+
+def _cuda_in_use() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()

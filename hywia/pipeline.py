@@ -1,0 +1,224 @@
+"""The prune pipeline as stages: calibrate -> score -> plan -> compensate -> cut -> report.
+
+One `Pipeline` holds a dense model, its calibration windows and (after `calibrate`) the statistics of one
+calibration pass. Each `PruneConfig` run through it (`run`) scores on the dense model, plans, and then compensates
+and cuts either the model itself (`hywia.prune`) or a copy (a variant study: many criteria, allocations,
+compensations and ratios on one calibration pass, as `hywia bench` and benchmarks/ablation.py do). Every stage's
+seconds and peak memory go to the pipeline's `StageLog`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data.text import calibration_passages, calibration_windows, check_seq_len_fits, read_text_file
+from .errors import InvalidRequestError
+from .importance import Criterion, ScoringContext, Statistics, collect_statistics, get_criterion
+from .measure import StageLog, count_params
+from .models import Adapter, LayerKind, adapter_for
+from .pruning import (PruningPlan, allocate_global, allocate_uniform, apply_plan, check_plan_request, parse_layers,
+                      select)
+from .pruning.compensate import compensate
+from .pruning.methods import parse_allocation, parse_compensation
+from .settings import CalibrationConfig, PruneConfig, RuntimeConfig, format_spec
+
+DEFAULT_CALIBRATION_TEXT = "LAMBADA-openai test passages (fiction), calibration part"
+
+
+@dataclass
+class PreparedRun:
+    """A `PruneConfig` resolved: the criterion object, the allocation and compensation with their settings, and the
+    uniform allocation's counts (which also check that the ratio fits the pruned layers)."""
+
+    config: PruneConfig
+    criterion: Criterion
+    allocation: tuple[str, object]
+    compensation: tuple[str, object]
+    keep: dict[LayerKind, int]
+
+    def resolved(self) -> PruneConfig:
+        """The config with every method setting written out (what a recipe stores)."""
+        return dataclasses.replace(self.config, criterion=self.criterion.spec,
+                                   allocation=format_spec(*self.allocation),
+                                   compensate=format_spec(*self.compensation))
+
+
+@dataclass
+class Pruned:
+    model: nn.Module
+    plan: PruningPlan
+    prepared: PreparedRun
+
+
+def check_method(config: PruneConfig) -> tuple[Criterion, tuple, tuple]:
+    """The config's method, validated without a model (one-line errors): criterion, allocation, compensation."""
+    if config.ratio is None:
+        raise InvalidRequestError("--ratio is required (or a --recipe that sets it)")
+    if not 0.0 < config.ratio < 1.0:
+        raise InvalidRequestError(f"--ratio must lie strictly between 0 and 1, got {config.ratio}")
+    if config.round_to < 1:
+        raise InvalidRequestError(f"--round-to must be >= 1, got {config.round_to}")
+    if config.attention not in ("heads", "kv"):
+        raise InvalidRequestError(f"--attention must be heads or kv, got {config.attention!r}")
+    return get_criterion(config.criterion), parse_allocation(config.allocation), parse_compensation(config.compensate)
+
+
+class Pipeline:
+    """Stages over one dense model (module docstring). `attention` and `layers` are fixed per pipeline: the
+    statistics depend on them; everything else of a `PruneConfig` may differ between runs."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        *,
+        attention: str = "heads",
+        layers: str | None = None,
+        calibration: CalibrationConfig = CalibrationConfig(),
+        runtime: RuntimeConfig = RuntimeConfig(),
+        progress: bool = True,
+        log: StageLog | None = None,
+        windows: torch.Tensor | None = None,
+    ) -> None:
+        """`windows` (token ids [samples, seq_len]) replace the ones `calibration` would build from text."""
+        self.model, self.tokenizer = model, tokenizer
+        self.attention, self.layers = attention, layers
+        self.calibration, self.runtime, self.progress = calibration, runtime, progress
+        self.log = log or StageLog()
+        self.adapter: Adapter = adapter_for(model, attention)
+        self.layer_indices = parse_layers(layers, len(self.adapter.layers()))
+        check_seq_len_fits(model.config, calibration.seq_len)
+        self.stats: Statistics | None = None
+        self._windows = windows
+
+    def windows(self) -> torch.Tensor:
+        """The calibration windows (built once; the same for statistics, fusion and compensation)."""
+        if self._windows is None:
+            calib = self.calibration.calib
+            passages = read_text_file(Path(calib)) if calib else calibration_passages()
+            self._windows = calibration_windows(self.tokenizer, passages, self.calibration.calib_samples,
+                                                self.calibration.seq_len, self.runtime.seed)
+        return self._windows
+
+    def prepare(self, config: PruneConfig) -> PreparedRun:
+        """Resolve and check a config against this model before any expensive work."""
+        if (config.attention, config.layers) != (self.attention, self.layers):
+            raise InvalidRequestError("a pipeline's runs share its --attention and --layers")
+        criterion, allocation, compensation = check_method(config)
+        floor = allocation[1].floor if allocation[0] == "global" else None
+        check_plan_request(self.adapter, self.layers, config.ratio, config.round_to, floor)
+        keep = allocate_uniform(self.adapter, self.layer_indices, config.ratio, config.round_to)
+        return PreparedRun(config, criterion, allocation, compensation, keep)
+
+    def calibrate(self, runs: list[PreparedRun], *, gradients: bool = False) -> None:
+        """Stage `calibrate`: the windows, and one statistics pass with everything the runs' criteria read
+        (and the gradient statistics in any case with `gradients`)."""
+        gradients = gradients or any(v.criterion.needs_gradients for v in runs)
+        activations = any(v.criterion.needs_activations for v in runs)
+        with self.log.stage("calibrate"):
+            windows = self.windows()  # built inside the stage, so its cost is counted there
+            if gradients or activations:
+                self.stats = collect_statistics(
+                    self.model, self.adapter, self.layer_indices, windows, gradients=gradients,
+                    activations=activations, progress=self.progress, path=self.runtime.importance_path,
+                    store=self.runtime.activation_store,
+                )
+
+    def score(self, prepared: PreparedRun) -> dict[LayerKind, torch.Tensor]:
+        """Stage `score`: one score per group, on the dense model."""
+        with self.log.stage("score"):
+            specs = {i: self.adapter.group_specs(self.adapter.layers()[i]) for i in self.layer_indices}
+            ctx = ScoringContext(self.model, self.adapter, self.layer_indices, specs, self.windows(), prepared.keep,
+                                 self.runtime.seed, self.stats, self.progress, self._allocator(prepared),
+                                 prepared.compensation[0])
+            with torch.random.fork_rng():
+                torch.manual_seed(self.runtime.seed)
+                return prepared.criterion.score(ctx)
+
+    def plan(self, prepared: PreparedRun, scores: dict[LayerKind, torch.Tensor]) -> PruningPlan:
+        """Stage `plan`: the allocation's counts, and the highest-scored groups of each kind kept."""
+        with self.log.stage("plan"):
+            allocate = self._allocator(prepared)
+            return select(self.adapter, scores, allocate(scores) if allocate else prepared.keep)
+
+    def compensate(self, model: nn.Module, plan: PruningPlan, compensation: tuple[str, object]) -> None:
+        """Stage `compensate`: the removed groups' contribution folded into what stays, on the calibration windows
+        (`compensation`: a mode and its settings, as `parse_compensation` gives them)."""
+        mode, settings = compensation
+        if mode == "none":
+            return
+        with self.log.stage("compensate"):
+            adapter = self.adapter if model is self.model else adapter_for(model, self.attention)
+            compensate(model, adapter, plan, self.windows(), mode, progress=self.progress,
+                       **dataclasses.asdict(settings))
+
+    def cut(self, model: nn.Module, plan: PruningPlan) -> None:
+        """Stage `cut`: the removed groups taken out of the tensors."""
+        with self.log.stage("cut"):
+            apply_plan(model, plan)
+
+    def run(self, prepared: PreparedRun, *, in_place: bool) -> Pruned:
+        """score -> plan -> compensate -> cut; on the model itself, or on a copy that leaves it dense."""
+        scores = self.score(prepared)
+        plan = self.plan(prepared, scores)
+        model = self.model if in_place else copy.deepcopy(self.model)
+        self.compensate(model, plan, prepared.compensation)
+        self.cut(model, plan)
+        return Pruned(model, plan, prepared)
+
+    def apply(self, plan: PruningPlan, compensation: str) -> nn.Module:
+        """A saved plan on this (dense) model: compensate as `compensation` says, then cut, without scoring."""
+        if plan.attention != self.attention:
+            raise InvalidRequestError(f"the plan removes {plan.attention!r} groups; this pipeline {self.attention!r}")
+        self.compensate(self.model, plan, parse_compensation(compensation))
+        self.cut(self.model, plan)
+        return self.model
+
+    def summary(self, pruned: Pruned, decoder_before: int, params_before: int) -> dict:
+        """The report's description of one run: what was asked, what came out, and the stages' costs."""
+        adapter = adapter_for(pruned.model, self.attention)
+        decoder_after = adapter.num_decoder_params()
+        config = pruned.prepared.config
+        record = {
+            "criterion": config.criterion,
+            "ratio_requested": config.ratio,
+            "ratio_achieved": 1 - decoder_after / decoder_before,
+            "params_before": params_before,
+            "params_after": count_params(pruned.model),
+            "decoder_params_before": decoder_before,
+            "decoder_params_after": decoder_after,
+            "layers_pruned": [self.layer_indices[0], self.layer_indices[-1] + 1],
+            "attention": self.attention,
+            "allocation": config.allocation,
+            "compensate": config.compensate,
+            "round_to": config.round_to,
+            "importance_path": self.runtime.importance_path,
+            "layers": [adapter.widths(layer) for layer in adapter.layers()],
+            "calibration": {
+                "text": self.calibration.calib or DEFAULT_CALIBRATION_TEXT,
+                "samples": self.calibration.calib_samples,
+                "seq_len": self.calibration.seq_len,
+                "seed": self.runtime.seed,
+            },
+            "fusion": pruned.prepared.criterion.summary(),
+        }
+        if abs(record["ratio_achieved"] - config.ratio) > 0.01:
+            record["ratio_note"] = (
+                "achieved share differs from the request by more than 1 point: head granularity and the "
+                "--layers range allow no closer split"
+            )
+        return record
+
+    def _allocator(self, prepared: PreparedRun):
+        name, settings = prepared.allocation
+        if name != "global":
+            return None
+        return partial(allocate_global, self.adapter, self.layer_indices, prepared.config.ratio,
+                       floor=settings.floor, round_to=prepared.config.round_to)

@@ -1,0 +1,40 @@
+"""The allocations and compensations by name, each with its own settings (specs as in hywia.settings)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..settings import NoSettings, parse_spec
+from .plan import GLOBAL_FLOOR
+
+
+@dataclass(frozen=True)
+class GlobalAllocation:
+    floor: float = GLOBAL_FLOOR  # share of its groups every pruned (layer, kind) keeps at least
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.floor < 1.0:
+            raise ValueError(f"floor must lie in [0, 1), got {self.floor}")
+
+
+@dataclass(frozen=True)
+class LeastSquares:
+    ridge: float = 1e-2  # added to the Gram matrix's diagonal, in units of its mean diagonal
+
+    def __post_init__(self) -> None:
+        if self.ridge < 0:
+            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
+
+
+ALLOCATIONS: dict[str, type] = {"uniform": NoSettings, "global": GlobalAllocation}
+COMPENSATIONS: dict[str, type] = {"none": NoSettings, "bias": NoSettings, "lstsq": LeastSquares}
+
+
+def parse_allocation(spec: str) -> tuple[str, NoSettings | GlobalAllocation]:
+    """`uniform` or `global[:floor=F]`."""
+    return parse_spec(spec, ALLOCATIONS, "allocation")
+
+
+def parse_compensation(spec: str) -> tuple[str, NoSettings | LeastSquares]:
+    """`none`, `bias` or `lstsq[:ridge=R]`."""
+    return parse_spec(spec, COMPENSATIONS, "compensation")

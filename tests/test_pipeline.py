@@ -1,0 +1,57 @@
+"""The pipeline's stages: a variant study runs many methods on one calibration pass, each as a prune of its own."""
+
+import pytest
+import torch
+
+import hywia.pipeline as pipeline_module
+from conftest import TINY_TEXT
+from hywia import prune
+from hywia.errors import InvalidRequestError
+from hywia.pipeline import Pipeline
+from hywia.settings import CalibrationConfig, PruneConfig
+
+VARIANTS = [("hywia:steps=2", "global", "lstsq"), ("taylor-element1", "uniform", "none"),
+            ("wanda-sp", "global:floor=0.4", "bias")]
+
+
+@pytest.fixture
+def calibration(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text("\n\n".join([TINY_TEXT] * 6))
+    return CalibrationConfig(calib=str(path), calib_samples=4, seq_len=32)
+
+
+def test_variants_share_one_calibration_pass(tiny_model_factory, tiny_tokenizer, calibration, monkeypatch):
+    model = tiny_model_factory("llama")
+    dense = {name: value.clone() for name, value in model.state_dict().items()}
+    passes = []
+    collect = pipeline_module.collect_statistics
+    monkeypatch.setattr(pipeline_module, "collect_statistics", lambda *a, **k: passes.append(k) or collect(*a, **k))
+    pipeline = Pipeline(model, tiny_tokenizer, layers="0:4", calibration=calibration, progress=False)
+    configs = [PruneConfig(ratio=0.3, criterion=c, allocation=a, compensate=m, layers="0:4") for c, a, m in VARIANTS]
+    runs = [pipeline.prepare(config) for config in configs]
+    pipeline.calibrate(runs)
+    results = [pipeline.run(run, in_place=False) for run in runs]
+
+    assert len(passes) == 1 and passes[0]["gradients"] and passes[0]["activations"]
+    for name, value in model.state_dict().items():  # every variant cut a copy
+        torch.testing.assert_close(value, dense[name], atol=0, rtol=0)
+    assert set(pipeline.log.stages) == {"calibrate", "score", "plan", "compensate", "cut"}
+    for config, result in zip(configs, results):  # the same as pruning with that method alone
+        alone = prune(tiny_model_factory("llama"), tokenizer=tiny_tokenizer, ratio=0.3, criterion=config.criterion,
+                      allocation=config.allocation, compensate=config.compensate, layers="0:4",
+                      calib=calibration.calib, calib_samples=4, seq_len=32, ppl_text=None, progress=False)
+        assert alone.plan == result.plan, config.criterion
+        for name, value in alone.model.state_dict().items():
+            torch.testing.assert_close(result.model.state_dict()[name], value, atol=0, rtol=0)
+
+
+def test_runs_are_checked_before_any_work(tiny_model_factory, tiny_tokenizer, calibration):
+    pipeline = Pipeline(tiny_model_factory("llama"), tiny_tokenizer, layers="0:4", calibration=calibration)
+    with pytest.raises(InvalidRequestError, match="share its --attention and --layers"):
+        pipeline.prepare(PruneConfig(ratio=0.2, layers="1:3"))
+    with pytest.raises(InvalidRequestError, match="empty the pruned layers"):
+        pipeline.prepare(PruneConfig(ratio=0.9, layers="0:4"))
+    with pytest.raises(InvalidRequestError, match="ridge must be >= 0"):
+        pipeline.prepare(PruneConfig(ratio=0.2, layers="0:4", compensate="lstsq:ridge=-1"))
+    assert pipeline.stats is None and not pipeline.log.stages
