@@ -91,6 +91,7 @@ def _add_apply_parser(commands) -> None:
     p.add_argument("--recipe", default=None, help="recipe of the prune (default: recipe.json beside --plan)")
     p.add_argument("--compensate", default=argparse.SUPPRESS, help="override the recipe's compensation")
     _add_settings_flags(p, [CalibrationConfig, RuntimeConfig])
+    _add_trust_flag(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(run=_apply)
@@ -101,7 +102,8 @@ def _apply(args: argparse.Namespace) -> None:
 
     settings = _settings(args)
     model = settings.pop("model", None)
-    result = apply(args.plan, model, recipe=args.recipe, out=args.out, force=args.force, **settings)
+    result = apply(args.plan, model, recipe=args.recipe, out=args.out, force=args.force,
+                   trust_remote_code=args.trust_remote_code, **settings)
     print(f"cut to {args.plan} ({result.report['compensate']} compensation): "
           f"{result.report['params_after']:,} parameters")
     print(f"saved to {args.out}")
@@ -181,7 +183,9 @@ def _eval(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from .bench import run
     from .bench.run import parse_option
-    from .io import describe, load_model
+    from pathlib import Path
+
+    from .io import check_output, describe, load_model, local_path
 
     try:
         ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
@@ -189,6 +193,10 @@ def _bench(args: argparse.Namespace) -> None:
         raise HywiaError(f"--ratios must be a comma list of numbers, got {args.ratios!r}") from exc
     options = dict(parse_option(pair) for pair in args.prune_option)
     args.ppl_text = args.ppl_text or ["lambada,coqa"]  # spelled out in the recorded command
+    inputs = {"--model": local_path(args.model), "--calib": local_path(args.calib)}
+    check_output(Path(args.out_dir), inputs=inputs, existing_ok=True)  # a bench run refreshes its own folder
+    if args.markdown:
+        check_output(Path(args.markdown), inputs=inputs, file=True, existing_ok=True)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     run(
         model, tokenizer, ratios=ratios, criteria=args.criteria, tasks=args.tasks, limit=args.limit, seed=args.seed,

@@ -10,6 +10,8 @@ import math
 import os
 from pathlib import Path
 
+from ..io import write_text_atomic
+
 BEGIN, END = "<!-- hywia-bench:quality:begin -->", "<!-- hywia-bench:quality:end -->"
 
 TASK_TITLES = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
@@ -155,6 +157,4 @@ def write_markdown(path: Path, section: str) -> None:
     else:
         text = section
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, text)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -23,6 +22,8 @@ from torch import nn
 from ..errors import InvalidRequestError
 from ..eval.api import evaluate, machine, parse_list, parse_tasks, parse_texts
 from ..importance import ScoringContext
+from ..io import write_text_atomic
+from ..io.checks import strict_json
 from ..importance.fusion import spearman
 from ..importance.taylor import taylor_scores
 from ..measure import StageLog, count_params, peak_rss_mb, reset_peak_rss, status_mb
@@ -287,18 +288,6 @@ def _printer(enabled: bool):
 
 
 def _dump(path: Path, record: dict) -> None:
-    """Write the JSON through a temporary sibling so a reader never sees half a file. A diverged run's NaN or
-    infinite perplexity is written as null: standard JSON has no such numbers."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_finite(record), indent=1, allow_nan=False))
-    os.replace(tmp, path)
-
-
-def _finite(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
+    """Write the JSON in one step, so a reader never sees half a file; a diverged run's NaN or infinite
+    perplexity is written as null (standard JSON has no such numbers)."""
+    write_text_atomic(path, strict_json(record, indent=1))

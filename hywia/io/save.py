@@ -106,7 +106,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     tmp = tempfiles.sibling_name(path)
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -125,3 +125,19 @@ def test_bench_cli_on_a_saved_folder(tiny_model_factory, tiny_tokenizer, text_fi
     assert saved["command"].startswith("hywia bench --model ") and "--prune-option layers=0:4" in saved["command"]
     assert "| `magnitude` | 0.1 (" in (tmp_path / "B.md").read_text()
     assert main(argv[:-2] + ["--criteria", "magnitude,no-such-criterion"]) == 2  # refused before any work
+
+
+def test_bench_outputs_are_checked_before_loading(tmp_path, capsys):
+    """A --out-dir that is a file or the model folder itself, or a --markdown that is the model, ends in one line
+    before the model loads (bench writes its files into the folder and deletes nothing, so a parent is fine)."""
+    model = tmp_path / "model"  # never loaded: the check comes first, so an empty folder will do
+    model.mkdir()
+    (tmp_path / "file").write_text("x")
+    base = ["bench", "--model", str(model), "--tasks", "none"]
+    assert main(base + ["--out-dir", str(tmp_path / "file")]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert main(base + ["--out-dir", str(model)]) == 2
+    assert "is also --model" in capsys.readouterr().err
+    assert main(base + ["--out-dir", str(tmp_path / "out"), "--markdown", str(model)]) == 2
+    assert "is also --model" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "model"]
