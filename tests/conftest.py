@@ -91,3 +91,16 @@ def build_tiny_model(family: str = "llama", seed: int = 0, **kwargs):
 @pytest.fixture
 def tiny_model_factory():
     return build_tiny_model
+
+
+def save_tiny_folder(folder, tokenizer, family: str = "llama"):
+    """A tiny random model of the family saved with its tokenizer, as a user's model folder."""
+    build_tiny_model(family).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_folder(tiny_tokenizer, tmp_path):
+    """A tiny llama (4 layers, 256 positions, MLP width 96) saved with its tokenizer in tmp_path/tiny."""
+    return save_tiny_folder(tmp_path / "tiny", tiny_tokenizer)

@@ -110,11 +110,8 @@ def test_non_finite_weights_are_never_saved(tiny_model_factory, tiny_tokenizer, 
 
 
 @pytest.fixture
-def dense_folder(tiny_model_factory, tiny_tokenizer, tmp_path):
-    folder = tmp_path / "dense"
-    tiny_model_factory("llama").save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
+def dense_folder(tiny_folder):
+    return tiny_folder
 
 
 def _recipe_prune(dense_folder, calib_file, out, **kwargs):

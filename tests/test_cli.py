@@ -20,15 +20,6 @@ def test_cli_requires_ratio_and_out():
 
 
 @pytest.fixture
-def tiny_folder(tiny_model_factory, tiny_tokenizer, tmp_path):
-    """A tiny llama (4 layers, 256 positions, MLP width 96) saved with its tokenizer, as a user's model folder."""
-    folder = tmp_path / "tiny"
-    tiny_model_factory("llama").save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture
 def calib_text(tmp_path):
     from conftest import TINY_TEXT
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_TEXT, build_tiny_model
+from conftest import TINY_TEXT, save_tiny_folder
 from hywia.cli import main
 
 SAMPLES = "256"  # calibration long enough (seconds) to be caught in the middle
@@ -22,8 +22,7 @@ SAMPLES = "256"  # calibration long enough (seconds) to be caught in the middle
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("signals")
-    build_tiny_model("llama").save_pretrained(root / "model")
-    tiny_tokenizer.save_pretrained(root / "model")
+    save_tiny_folder(root / "model", tiny_tokenizer)
     (root / "calib.txt").write_text("\n\n".join([TINY_TEXT] * 60))
     return root
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_TEXT, build_tiny_model
+from conftest import TINY_TEXT, save_tiny_folder
 from hywia.cli import main
 from hywia.io import check_output, tempfiles
 from hywia.errors import InvalidRequestError
@@ -22,8 +22,7 @@ from hywia.errors import InvalidRequestError
 def files(tmp_path_factory, tiny_tokenizer):
     """proj/model (a tiny dense folder) and proj/calib.txt."""
     proj = tmp_path_factory.mktemp("proj")
-    build_tiny_model("llama").save_pretrained(proj / "model")
-    tiny_tokenizer.save_pretrained(proj / "model")
+    save_tiny_folder(proj / "model", tiny_tokenizer)
     (proj / "calib.txt").write_text("\n\n".join([TINY_TEXT] * 6))
     return proj
 
