@@ -230,6 +230,68 @@ def test_cli_export(tiny_model_factory, tiny_tokenizer, tmp_path, capsys):
     assert gguf.GGUFReader(tmp_path / "m.gguf").fields["general.architecture"].contents() == "deci"
 
 
+def _tiny_gemma3(**overrides):
+    """Gemma-3 with every weight random, norms included (Gemma stores them as weight - 1), query_pre_attn_scalar
+    other than head_dim, and sliding layers whose window (6) is shorter than the test's 48 tokens."""
+    from transformers import Gemma3TextConfig
+
+    settings = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                    query_pre_attn_scalar=32, sliding_window=6, tie_word_embeddings=True,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Gemma3TextConfig(**{**settings, **overrides}), dtype=torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.08 if param.dim() == 2 else 0.3)
+    return model.eval()
+
+
+def test_uniform_gemma3_is_written_as_llama_cpps_gemma3(tiny_tokenizer, tmp_path):
+    model = _prune_layers(_tiny_gemma3(), layers=[0, 1, 2, 3])
+    result = _export(model, tiny_tokenizer, tmp_path)
+    assert result.arch == "gemma3"
+    reader = gguf.GGUFReader(result.path)
+    fields = _fields(reader, "gemma3")
+    widths = model.config.hywia_layers[0]
+    assert fields["attention.head_count"] == widths["num_attention_heads"]
+    assert fields["feed_forward_length"] == widths["intermediate_size"]
+    assert fields["attention.sliding_window"] == 6 and fields["context_length"] == 256
+    assert fields["attention.sliding_window_pattern"] == [True, False, True, True]
+    assert fields["rope.freq_base"] == 1_000_000.0 and fields["rope.freq_base_swa"] == 10_000.0
+    assert fields["attention.key_length"] == 16 and "rope.scaling.type" not in fields
+    state = model.state_dict()
+    np.testing.assert_allclose(_tensor(reader, "output_norm.weight").data, state["model.norm.weight"] + 1)
+    for hf, name in [("input_layernorm", "attn_norm"), ("post_attention_layernorm", "post_attention_norm"),
+                     ("pre_feedforward_layernorm", "ffn_norm"), ("post_feedforward_layernorm", "post_ffw_norm"),
+                     ("self_attn.k_norm", "attn_k_norm")]:
+        np.testing.assert_allclose(_tensor(reader, f"blk.2.{name}.weight").data,
+                                   state[f"model.layers.2.{hf}.weight"] + 1, err_msg=name)
+    # llama.cpp scales queries by 1/sqrt(head_dim = 16), Gemma by 1/sqrt(query_pre_attn_scalar = 32)
+    np.testing.assert_allclose(_tensor(reader, "blk.2.attn_q_norm.weight").data,
+                               (state["model.layers.2.self_attn.q_norm.weight"] + 1) * math.sqrt(16 / 32),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(_tensor(reader, "blk.2.attn_q.weight").data,  # NeoX rope: rows as they are
+                                  state["model.layers.2.self_attn.q_proj.weight"])
+    np.testing.assert_array_equal(_tensor(reader, "token_embd.weight").data, state["model.embed_tokens.weight"])
+    assert "output.weight" not in {t.name for t in reader.tensors}
+
+
+def test_gemma3_with_per_layer_widths_or_an_unexpressible_config_is_refused_in_one_line(tiny_tokenizer, tmp_path,
+                                                                                       capsys):
+    folder = tmp_path / "uneven"
+    save_model(_prune_layers(_tiny_gemma3(), layers=[1, 2]), tiny_tokenizer, folder)
+    capsys.readouterr()
+    assert main(["export", "--model", str(folder), "--gguf", str(tmp_path / "a.gguf")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "gemma3" in line and "--allocation uniform --layers 0:4 --compensate none" in line
+    folder = tmp_path / "softcapped"
+    save_model(_prune_layers(_tiny_gemma3(attn_logit_softcapping=50.0), layers=[0, 1, 2, 3]), tiny_tokenizer, folder)
+    with pytest.raises(UnsupportedModelError, match="soft-capping"):
+        export_gguf(str(folder), tmp_path / "b.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["softcapped", "uneven"]
+
+
 # --- llama.cpp itself ----------------------------------------------------------------------------------------------
 
 
@@ -287,6 +349,23 @@ def test_llama_cpp_logits_match_transformers(llama_cpp, tiny_model_factory, tiny
         mark_pruned(model)
     result = _export(model, tiny_tokenizer, tmp_path)
     assert result.arch == arch
+    ids = torch.randint(0, 300, (48,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(_llama_cpp_logits(llama_cpp, result.path, ids), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["dense", "uniform", "linear-rope"])
+def test_llama_cpp_runs_gemma3_as_transformers(llama_cpp, tiny_tokenizer, tmp_path, case):
+    """Norms + 1, the query scale folded into q_norm, per-type rope bases, the sliding window over 48 tokens and
+    (linear-rope) Gemma-3-4B's linear scaling of the full-attention layers, all against transformers' logits."""
+    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}
+    model = _tiny_gemma3(**({"rope_parameters": rope} if case == "linear-rope" else {}))
+    if case != "dense":
+        model = _prune_layers(model, layers=[0, 1, 2, 3])
+    result = _export(model, tiny_tokenizer, tmp_path)
+    assert result.arch == "gemma3"
     ids = torch.randint(0, 300, (48,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.no_grad():
         expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
