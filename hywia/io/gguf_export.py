@@ -387,9 +387,15 @@ def _embedded_tokenizer_fields(tokens: list[str], merges: list[str]) -> tuple[st
         return None
     reader = gguf.GGUFReader(path)
     fields = {name: field for name, field in reader.fields.items() if name.startswith("tokenizer.")}
-    if fields["tokenizer.ggml.tokens"].contents() != tokens or (
+    if _spaces_as_sentencepiece(fields["tokenizer.ggml.tokens"].contents()) != _spaces_as_sentencepiece(tokens) or (
             "tokenizer.ggml.merges" in fields and fields["tokenizer.ggml.merges"].contents() != merges):
         return None
     return f"embedded {name} GGUF", {
         key: (field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
         for key, field in fields.items()}
+
+
+def _spaces_as_sentencepiece(tokens: list[str]) -> list[str]:
+    """Tokens with spaces written as SentencePiece's U+2581, the form transformers' GGUF conversion gives Gemma's
+    whitespace-run tokens (the original file keeps their spaces)."""
+    return [token.replace(" ", "\u2581") for token in tokens]
