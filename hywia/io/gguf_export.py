@@ -5,7 +5,9 @@ llama.cpp's llama block (after `llama_tensors` splits fused projections) is writ
 the same widths and as `deci` (the Llama-3.1-Nemotron-NAS block, whose head counts and MLP width are per-layer
 arrays) otherwise; its unpruned model may keep its native architecture (Qwen2: `qwen2`). Any other family is
 written in its native architecture when every layer keeps the same widths, or refused with the prune options that
-make it exportable. Tensor names come from the gguf package's own mapping. llama.cpp's llama block rotates
+make it exportable; its adapter converts tensors where the conventions differ (`native_gguf_tensors`, e.g. Gemma's
+norms) and writes the keys only that architecture reads (`add_native_gguf_hparams`, e.g. sliding windows). Tensor
+names come from the gguf package's own mapping. llama.cpp's llama block rotates
 consecutive pairs of a head's dimensions while transformers rotates its two halves, so q/k rows (and biases) are
 interleaved per head with each layer's own head counts; the native `qwen2`/`qwen3` rotate halves as they are.
 
