@@ -388,7 +388,7 @@ def _embedded_tokenizer_fields(tokens: list[str], merges: list[str]) -> tuple[st
     except MissingAssetError:
         return None
     reader = gguf.GGUFReader(path)
-    fields = {name: field for name, field in reader.fields.items() if name.startswith("tokenizer.")}
+    fields = {key: field for key, field in reader.fields.items() if key.startswith("tokenizer.")}
     if _spaces_as_sentencepiece(fields["tokenizer.ggml.tokens"].contents()) != _spaces_as_sentencepiece(tokens) or (
             "tokenizer.ggml.merges" in fields and fields["tokenizer.ggml.merges"].contents() != merges):
         return None
