@@ -5,13 +5,16 @@ llama.cpp's llama block (after `llama_tensors` splits fused projections) is writ
 the same widths and as `deci` (the Llama-3.1-Nemotron-NAS block, whose head counts and MLP width are per-layer
 arrays) otherwise; its unpruned model may keep its native architecture (Qwen2: `qwen2`). Any other family is
 written in its native architecture when every layer keeps the same widths, or refused with the prune options that
-make it exportable. Tensor names come from the gguf package's own mapping. llama.cpp's llama block rotates
+make it exportable; its adapter converts tensors where the conventions differ (`native_gguf_tensors`, e.g. Gemma's
+norms) and writes the keys only that architecture reads (`add_native_gguf_hparams`, e.g. sliding windows). Tensor
+names come from the gguf package's own mapping. llama.cpp's llama block rotates
 consecutive pairs of a head's dimensions while transformers rotates its two halves, so q/k rows (and biases) are
 interleaved per head with each layer's own head counts; the native `qwen2`/`qwen3` rotate halves as they are.
 
-The tokenizer comes from the model folder's tokenizer.json (byte-level BPE). When that vocabulary is the one of the
-embedded SmolLM2 GGUF, its tokenizer metadata is copied verbatim instead: transformers' GGUF conversion dropped
-SmolLM2's digit-splitting pre-tokenizer, which the original file still names.
+The tokenizer comes from the model folder's tokenizer.json (byte-level BPE). When that vocabulary is the one of an
+embedded GGUF (SmolLM2, Gemma-3-270M), its tokenizer metadata is copied verbatim instead: transformers' GGUF
+conversion dropped SmolLM2's digit-splitting pre-tokenizer, which the original file still names, and Gemma's
+SentencePiece scores live only in the original file.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from ..errors import InvalidRequestError, NonFiniteWeightsError, UnsupportedMode
 from ..models import Adapter, GGUFMapping, adapter_for
 from ..models.pruned import base_class
 from .checks import all_finite, meta_model
-from .load import load_model
+from .load import gemma3_gguf, load_model
 from . import tempfiles
 from .save import check_output, local_path
 
@@ -48,7 +51,8 @@ _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
 ALIGN = 32  # Q8_0 block; llama.cpp's fast CPU matmul (tinyBLAS) also needs inner sizes in multiples of 8
-SMOLLM2_VOCAB = 49152  # checked before reading the 93 MB embedded GGUF, so other vocabularies skip it
+# embedded GGUFs whose tokenizer fields are copied, by vocabulary size (checked before reading the file)
+EMBEDDED_TOKENIZERS = {49152: ("SmolLM2", smollm2_gguf), 262144: ("Gemma-3-270M", gemma3_gguf)}
 
 
 @dataclass
@@ -143,10 +147,11 @@ def choose_arch(mapping: GGUFMapping, widths: list[dict], config, *, pruned: boo
     """The llama.cpp architecture that expresses these layers (see the module docstring), or the refusal."""
     if mapping.refusal:
         raise UnsupportedModelError(mapping.refusal)
-    _check_block(config, family)
+    native = ARCHS[mapping.native_arch] if mapping.native_arch else None
+    if mapping.llama_block or native in LLAMA_LIKE_NATIVES:
+        _check_block(config, family)
     counts = {(w["num_attention_heads"], w["num_key_value_heads"], w["intermediate_size"]) for w in widths}
     uniform = len(counts) == 1
-    native = ARCHS[mapping.native_arch] if mapping.native_arch else None
     if mapping.llama_block:
         if native is not None and not pruned and _rope_type(config) == "default":
             return native
@@ -170,6 +175,9 @@ def permute_rope_rows(rows: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 ARCHS = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+# native architectures that are the llama block plus biases or q/k norms: their block is checked here; any other
+# native architecture's adapter checks its configuration in gguf_mapping
+LLAMA_LIKE_NATIVES = (gguf.MODEL_ARCH.QWEN2, gguf.MODEL_ARCH.QWEN3)
 
 
 def _check_block(config, family: str) -> None:
@@ -203,12 +211,16 @@ def _add_hparams(writer: gguf.GGUFWriter, adapter: Adapter, widths: list[dict], 
     kv_heads = [w["num_key_value_heads"] for w in widths]
     mlp = [w["intermediate_size"] for w in widths]
     per_layer = arch == gguf.MODEL_ARCH.DECI
+    if arch not in (gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.DECI):
+        adapter.add_native_gguf_hparams(writer)  # its keys first: the shared ones below skip what it set
+    written = writer.kv_data[0]
     context = config.max_position_embeddings
     window = getattr(config, "sliding_window", None)
-    if window and window < context:  # llama.cpp's llama block has no sliding window: stay where both agree
+    if window and window < context:  # the llama and qwen blocks have no sliding window: stay where both agree
         context = window
     writer.add_name(name)
-    writer.add_context_length(context)
+    if gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=writer.arch) not in written:
+        writer.add_context_length(context)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(len(widths))
     writer.add_feed_forward_length(mlp if per_layer else mlp[0])
@@ -217,7 +229,8 @@ def _add_hparams(writer: gguf.GGUFWriter, adapter: Adapter, widths: list[dict], 
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    if gguf.Keys.Rope.FREQ_BASE.format(arch=writer.arch) not in written:
+        writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(model.get_input_embeddings().weight.shape[0])
     writer.add_file_type(file_type)
@@ -238,9 +251,12 @@ def _tensors(adapter: Adapter, widths: list[dict], arch: gguf.MODEL_ARCH,
         if tied and full_name == "lm_head.weight":
             continue  # llama.cpp reuses token_embd when output.weight is absent
         index = next((i for prefix, i in layer_of.items() if full_name.startswith(prefix)), None)
-        parts = {full_name: full_param}
-        if llama_block and index is not None:
+        if not llama_block:
+            parts = adapter.native_gguf_tensors(full_name, full_param, widths)
+        elif index is not None:
             parts = adapter.llama_tensors(full_name, full_param, widths[index])
+        else:
+            parts = {full_name: full_param}
         for hf_name, param in parts.items():
             name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if name is None:
@@ -294,14 +310,15 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, n_vocab: int) -> str:
         if not spec_path.is_file():
             raise UnsupportedModelError("GGUF export needs a fast tokenizer (tokenizer.json)")
         spec = json.loads(spec_path.read_text())
-        _check_byte_level_bpe(spec)
         tokens, types = _token_list(tokenizer, n_vocab)
-        embedded = _embedded_tokenizer_fields(tokens, [" ".join(m) if isinstance(m, list) else m
-                                                       for m in spec["model"]["merges"]])
+        merges = [" ".join(m) if isinstance(m, list) else m for m in spec["model"].get("merges", [])]
+        embedded = _embedded_tokenizer_fields(tokens, merges)
         if embedded is not None:
-            for key, (value, vtype, sub_type) in embedded.items():
+            source, fields = embedded
+            for key, (value, vtype, sub_type) in fields.items():
                 writer.add_key_value(key, value, vtype, sub_type=sub_type)
-            return "embedded SmolLM2 GGUF"
+            return source
+        _check_byte_level_bpe(spec)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(_pre_tokenizer_name(spec["pre_tokenizer"]))
         writer.add_token_list(tokens)
@@ -360,18 +377,27 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
     )
 
 
-def _embedded_tokenizer_fields(tokens: list[str], merges: list[str]) -> dict[str, tuple] | None:
-    """The tokenizer.* fields of the embedded SmolLM2 GGUF if its vocabulary and merges are these, else None."""
-    if len(tokens) != SMOLLM2_VOCAB:
+def _embedded_tokenizer_fields(tokens: list[str], merges: list[str]) -> tuple[str, dict[str, tuple]] | None:
+    """(source, tokenizer.* fields) of the embedded GGUF whose vocabulary (and merges, where it has them) are
+    these, else None."""
+    if len(tokens) not in EMBEDDED_TOKENIZERS:
         return None
+    name, gguf_path = EMBEDDED_TOKENIZERS[len(tokens)]
     try:
-        path = smollm2_gguf()
+        path = gguf_path()
     except MissingAssetError:
         return None
     reader = gguf.GGUFReader(path)
-    fields = {name: field for name, field in reader.fields.items() if name.startswith("tokenizer.")}
-    if (fields["tokenizer.ggml.tokens"].contents() != tokens
-            or fields["tokenizer.ggml.merges"].contents() != merges):
+    fields = {key: field for key, field in reader.fields.items() if key.startswith("tokenizer.")}
+    if _spaces_as_sentencepiece(fields["tokenizer.ggml.tokens"].contents()) != _spaces_as_sentencepiece(tokens) or (
+            "tokenizer.ggml.merges" in fields and fields["tokenizer.ggml.merges"].contents() != merges):
         return None
-    return {name: (field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
-            for name, field in fields.items()}
+    return f"embedded {name} GGUF", {
+        key: (field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
+        for key, field in fields.items()}
+
+
+def _spaces_as_sentencepiece(tokens: list[str]) -> list[str]:
+    """Tokens with spaces written as SentencePiece's U+2581, the form transformers' GGUF conversion gives Gemma's
+    whitespace-run tokens (the original file keeps their spaces)."""
+    return [token.replace(" ", "\u2581") for token in tokens]

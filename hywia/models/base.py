@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    import gguf
 
 LayerKind = tuple[int, str]  # (decoder layer index, group kind): the key of every per-group table downstream
 
@@ -124,6 +127,15 @@ class Adapter(ABC):
     def llama_tensors(self, name: str, tensor: torch.Tensor, widths: dict) -> dict[str, torch.Tensor]:
         """A layer parameter under LLaMA's HF names (fused projections split); used when `llama_block`."""
         return {name: tensor}
+
+    def native_gguf_tensors(self, name: str, tensor: torch.Tensor, widths: list[dict]) -> dict[str, torch.Tensor]:
+        """A parameter (any, under its HF name) as `GGUFMapping.native_arch` stores it, given every layer's widths;
+        used when the layers are not written as llama blocks (e.g. Gemma's norms scale by 1 + weight)."""
+        return {name: tensor}
+
+    def add_native_gguf_hparams(self, writer: "gguf.GGUFWriter") -> None:
+        """Hyperparameters `native_arch` reads beyond the shared ones (e.g. sliding windows); written before the
+        shared ones, which then skip any key set here."""
 
     def num_decoder_params(self) -> int:
         return sum(p.numel() for layer in self.layers() for p in layer.parameters())

@@ -31,6 +31,8 @@ from hywia.models import adapter_for, supported_architectures
 from hywia.models.remote import DIR as REMOTE_DIR
 from hywia.recovery.lora import load_adapter
 
+GELU_TABLE_ATOL = 3e-3  # llama.cpp's CPU GELU (a float16 lookup table) on the tiny models' logits
+
 CASES = list(tiny_family_configs())
 ALPACA = [
     {"instruction": "Finish the sentence.", "input": "The quick brown fox", "output": "jumps over the lazy dog."},
@@ -60,7 +62,9 @@ def pruned(work, tiny_tokenizer):
             if not dense.exists():
                 tiny_family_model(case).save_pretrained(dense)
                 tiny_tokenizer.save_pretrained(dense)
-            out = work / f"{case}-pruned-{len(results)}"
+            # not named after the case: llama.cpp applies Phi-3's special-token rules (which look up "</s>", absent
+            # from the tiny tokenizer) to any file whose general.name, the folder's name, contains "phi3"
+            out = work / f"pruned-{len(results)}"
             result = hywia.prune(str(dense), ratio=0.3, layers="0:4", calib=work / "text.txt", calib_samples=4,
                                  seq_len=16, ppl_text=None, out=out, device="cpu", progress=False, **options)
             results[key] = out, result
@@ -215,4 +219,7 @@ def test_llama_cpp_runs_the_export(case, pruned, tmp_path):
     llm.eval(tokens)
     scores = np.array(llm.scores[: len(tokens)])
     llm.close()
-    np.testing.assert_allclose(scores, logits(result.model, torch.tensor([tokens]))[0].numpy(), atol=1e-4, rtol=0)
+    # llama.cpp's CPU GELU reads a float16 table: tests/io/test_gguf_export.py checks Gemma-3's blocks without it
+    gelu = getattr(result.model.config, "hidden_activation", None) == "gelu_pytorch_tanh"
+    np.testing.assert_allclose(scores, logits(result.model, torch.tensor([tokens]))[0].numpy(), rtol=0,
+                               atol=GELU_TABLE_ATOL if gelu else 1e-4)
