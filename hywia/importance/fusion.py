@@ -30,6 +30,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..errors import InvalidRequestError
@@ -262,7 +263,8 @@ class HywiaFusion(Criterion):
         t_start, t_end = temperature
         losses = []
         gates: dict[LayerKind, torch.Tensor] = {}
-        with _frozen(ctx.model), _gated(ctx, specs, gates, _replacements(ctx, specs)):
+        with _frozen(ctx.model), _gated(ctx, specs, gates, _replacements(ctx, specs)), \
+                _recomputed(ctx.adapter.layers()):
             for step in tqdm(range(steps), desc="fusion", disable=not ctx.progress, leave=False):
                 t = t_start * (t_end / t_start) ** (step / max(steps - 1, 1))
                 gates.clear()
@@ -274,6 +276,26 @@ class HywiaFusion(Criterion):
                 optimizer.step()
                 losses.append(loss.item())
         return losses
+
+
+@contextmanager
+def _recomputed(layers: list[nn.Module]):
+    """Each decoder layer keeps only its input for the backward and runs again inside it (activation
+    checkpointing): the step's memory is one layer's activations, not all of them, and an offloaded layer's weights
+    are not held between its forward and backward. The recomputation repeats the same operations on the same
+    inputs, so the gradients are the same."""
+    saved = [layer.__dict__.get("forward") for layer in layers]
+    for layer in layers:
+        layer.forward = lambda *args, _run=layer.forward, **kwargs: checkpoint(_run, *args, use_reentrant=False,
+                                                                             **kwargs)
+    try:
+        yield
+    finally:
+        for layer, previous in zip(layers, saved):
+            if previous is None:
+                del layer.forward
+            else:
+                layer.forward = previous
 
 
 @contextmanager
