@@ -90,11 +90,13 @@ def run_prune(folder: Path, out: Path, args: argparse.Namespace) -> tuple[dict, 
     command = [sys.executable, "-m", "hywia.cli", "prune", "--model", str(folder), "--out", str(out), "--force",
                "--ratio", str(args.ratio), "--dtype", "bfloat16", "--device", "cpu",
                "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len),
-               "--ppl-tokens", str(args.ppl_tokens)]
+               "--ppl-text", args.ppl_text, "--ppl-tokens", str(args.ppl_tokens)]
     if args.criterion:
         command += ["--criterion", args.criterion]
     if args.offload:
         command += ["--offload", args.offload]
+    if args.compensate:
+        command += ["--compensate", args.compensate]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     started = time.perf_counter()
     subprocess.run(command, check=True, env=env)
@@ -126,9 +128,11 @@ def main() -> int:
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--calib-samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--ppl-text", default="lambada", help="'none' skips the before/after perplexity")
     parser.add_argument("--ppl-tokens", type=int, default=512)
     parser.add_argument("--criterion", default=None, help="e.g. hywia:steps=8:batch_size=2 (default: hywia's)")
     parser.add_argument("--offload", choices=("cpu", "disk"), default=None)
+    parser.add_argument("--compensate", default=None, help="e.g. bias (default: hywia's, lstsq)")
     parser.add_argument("--keep", action="store_true", help="keep both folders")
     args = parser.parse_args()
     for path in (args.folder, args.out):
@@ -145,8 +149,9 @@ def main() -> int:
             shutil.rmtree(args.out, ignore_errors=True)
             shutil.rmtree(args.folder, ignore_errors=True)
     settings = (f"--dtype bfloat16 --calib-samples {args.calib_samples} --seq-len {args.seq_len} "
-                f"--ppl-tokens {args.ppl_tokens}" + (f" --criterion {args.criterion}" if args.criterion else "")
-                + (f" --offload {args.offload}" if args.offload else ""))
+                f"--ppl-text {args.ppl_text} --ppl-tokens {args.ppl_tokens}" + (f" --criterion {args.criterion}" if args.criterion else "")
+                + (f" --offload {args.offload}" if args.offload else "")
+                + (f" --compensate {args.compensate}" if args.compensate else ""))
     record = {"ratio": args.ratio, "command_settings": settings, "wall_seconds": round(wall, 1),
               "params_before": report["params_before"], "weights_gb": report["params_before"] * 2 / 1e9,
               "machine": f"{os.cpu_count()} CPU cores, "

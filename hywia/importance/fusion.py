@@ -37,6 +37,7 @@ from ..errors import InvalidRequestError
 from .base import Criterion, LayerKind, ScoringContext, normalise, register_criterion
 from .collect import lm_loss
 from .flap import fluctuation_scores
+from .layerwise import HEAD_CHECK_TOKENS, chunked_loss, final_hidden, head_is_last
 from .taylor import taylor_scores
 
 FINE_ORDER = 1
@@ -263,6 +264,8 @@ class HywiaFusion(Criterion):
         t_start, t_end = temperature
         losses = []
         gates: dict[LayerKind, torch.Tensor] = {}
+        head = ctx.model.get_output_embeddings()
+        chunked = head_is_last(ctx.model, ctx.batches[:1, :HEAD_CHECK_TOKENS].to(device))
         with _frozen(ctx.model), _gated(ctx, specs, gates, _replacements(ctx, specs)), \
                 _recomputed(ctx.adapter.layers()):
             for step in tqdm(range(steps), desc="fusion", disable=not ctx.progress, leave=False):
@@ -270,11 +273,15 @@ class HywiaFusion(Criterion):
                 gates.clear()
                 gates.update({k: g.to(device, dtype) for k, g in gates_at(t).items()})
                 pick = torch.randint(ctx.batches.shape[0], (batch_size,), generator=generator)
-                loss = lm_loss(ctx.model, ctx.batches[pick].to(device))
+                ids = ctx.batches[pick].to(device)
                 optimizer.zero_grad()
-                loss.backward()
+                if chunked:  # the vocabulary-wide logits of the batch never exist at once
+                    losses.append(chunked_loss(head, final_hidden(ctx.model, ids), ids))
+                else:
+                    loss = lm_loss(ctx.model, ids)
+                    loss.backward()
+                    losses.append(loss.item())
                 optimizer.step()
-                losses.append(loss.item())
         return losses
 
 
