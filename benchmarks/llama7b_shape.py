@@ -7,7 +7,8 @@ on the calibration text (its ids all lie below the model's 32000). The prune run
 its peak memory is its own; the per-stage seconds and peaks come from its report.json.
 
     nice -n 10 python benchmarks/llama7b_shape.py --folder /work/tmp/llama7b --out /work/tmp/llama7b-pruned \
-        --calib-samples 8 --seq-len 64 --criterion hywia:steps=8:batch_size=2 --offload disk [--keep]
+        --calib-samples 2 --seq-len 64 --ppl-text none --criterion hywia:steps=2:batch_size=1 --compensate bias \
+        --offload disk [--keep]
 
 The folders are removed afterwards unless `--keep` (about 13.5 GB dense, 11 GB pruned).
 """
@@ -30,8 +31,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
              num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
              tie_word_embeddings=False)
-LLM_PRUNER_NOTE = ("LLM-Pruner's users report about 80 GB of (GPU) memory to score LLaMA-7B with its "
-                   "gradient-based criterion (its README and issues)")
+LLM_PRUNER_NOTE = ("LLM-Pruner's users report about 80 GB of memory to score a 7B model (as issue 18 cites "
+                   "them)")
 
 
 def build(folder: Path, seed: int = 0) -> None:

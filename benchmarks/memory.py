@@ -67,7 +67,7 @@ def default_prune(model: str | None, ratio: float, extra: list[str], env: dict[s
               for name, entry in report["stages"].items()}
     return {"peak_rss_mb": round(max(report["peak_rss_mb"], after_last_reset), 1),
             "peak_after_last_stage_start_mb": round(after_last_reset, 1), "seconds": report["seconds"],
-            "stages": stages, "command": ["hywia", *command[3:]]}
+            "stages": stages, "command": ["hywia", *[("OUT" if arg == str(out) else arg) for arg in command[3:]]]}
 
 
 def render(record: dict) -> str:
@@ -79,8 +79,8 @@ def render(record: dict) -> str:
         return f"{mb / weights_mb:.2f}"
 
     lines = [
-        f"Model {record['model']}: weights {weights_mb:.0f} MB. Command: `{' '.join(prune['command'])}` "
-        f"(output folder elided). Peak RSS per process, and as a multiple of the weights' bytes.",
+        f"Model {record['model']}: weights {weights_mb:.0f} MB. Command: `{' '.join(prune['command'])}`. "
+        f"Peak RSS per process, and as a multiple of the weights' bytes.",
         "",
         "| process / stage | seconds | peak RSS (MB) | x weights | over baseline (x weights) |",
         "|---|---:|---:|---:|---:|",
