@@ -6,6 +6,8 @@ measure the same way.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 import time
 from collections.abc import Iterator
@@ -36,6 +38,24 @@ def status_mb(field_name: str) -> float | None:
     return None
 
 
+def release_freed_memory() -> None:
+    """Hand memory that has been freed back to the OS (glibc keeps it otherwise: the process's memory creeps up
+    from fragmentation, and a later stage's peak would start from what an earlier one left); elsewhere a no-op."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _load_libc()
+
+
 def reset_peak_rss() -> bool:
     """Restart the kernel's peak-RSS mark (VmHWM) from the current RSS; False where that is not possible."""
     try:
@@ -58,6 +78,7 @@ class StageLog:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        release_freed_memory()  # what earlier stages freed is not counted in this one's peak, nor kept resident
         scoped = reset_peak_rss()
         if _cuda_in_use():  # never initialised here: a CPU run on a GPU machine keeps the GPU untouched
             torch.cuda.synchronize()

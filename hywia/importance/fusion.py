@@ -30,12 +30,14 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..errors import InvalidRequestError
 from .base import Criterion, LayerKind, ScoringContext, normalise, register_criterion
 from .collect import lm_loss
 from .flap import fluctuation_scores
+from .layerwise import HEAD_CHECK_TOKENS, chunked_loss, final_hidden, head_is_last
 from .taylor import taylor_scores
 
 FINE_ORDER = 1
@@ -262,18 +264,45 @@ class HywiaFusion(Criterion):
         t_start, t_end = temperature
         losses = []
         gates: dict[LayerKind, torch.Tensor] = {}
-        with _frozen(ctx.model), _gated(ctx, specs, gates, _replacements(ctx, specs)):
+        head = ctx.model.get_output_embeddings()
+        chunked = head_is_last(ctx.model, ctx.batches[:1, :HEAD_CHECK_TOKENS].to(device))
+        with _frozen(ctx.model), _gated(ctx, specs, gates, _replacements(ctx, specs)), \
+                _recomputed(ctx.adapter.layers()):
             for step in tqdm(range(steps), desc="fusion", disable=not ctx.progress, leave=False):
                 t = t_start * (t_end / t_start) ** (step / max(steps - 1, 1))
                 gates.clear()
                 gates.update({k: g.to(device, dtype) for k, g in gates_at(t).items()})
                 pick = torch.randint(ctx.batches.shape[0], (batch_size,), generator=generator)
-                loss = lm_loss(ctx.model, ctx.batches[pick].to(device))
+                ids = ctx.batches[pick].to(device)
                 optimizer.zero_grad()
-                loss.backward()
+                if chunked:  # the vocabulary-wide logits of the batch never exist at once
+                    losses.append(chunked_loss(head, final_hidden(ctx.model, ids), ids))
+                else:
+                    loss = lm_loss(ctx.model, ids)
+                    loss.backward()
+                    losses.append(loss.item())
                 optimizer.step()
-                losses.append(loss.item())
         return losses
+
+
+@contextmanager
+def _recomputed(layers: list[nn.Module]):
+    """Each decoder layer keeps only its input for the backward and runs again inside it (activation
+    checkpointing): the step's memory is one layer's activations, not all of them, and an offloaded layer's weights
+    are not held between its forward and backward. The recomputation repeats the same operations on the same
+    inputs, so the gradients are the same."""
+    saved = [layer.__dict__.get("forward") for layer in layers]
+    for layer in layers:
+        layer.forward = lambda *args, _run=layer.forward, **kwargs: checkpoint(_run, *args, use_reentrant=False,
+                                                                             **kwargs)
+    try:
+        yield
+    finally:
+        for layer, previous in zip(layers, saved):
+            if previous is None:
+                del layer.forward
+            else:
+                layer.forward = previous
 
 
 @contextmanager

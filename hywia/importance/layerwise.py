@@ -20,8 +20,6 @@ offloaded by accelerate is loaded once for all samples of step 3 (`hywia.offload
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -33,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import ActivationStore, LayerCall, capture_layer_inputs
 from ..errors import UnsupportedModelError
+from ..measure import release_freed_memory
 from ..models import Adapter, GroupSpec
 from ..offload import execution_device, resident
 from .statistics import (Statistics, TaylorTerms, activation_hooks, check_finite, lm_loss, non_finite_loss_error,
@@ -72,14 +71,14 @@ def layerwise_gradients(
         _top(model, layers, high, batches, acts, stats, arity, bar)
         if not math.isfinite(stats.loss):  # checked here: the top layer's gradient would show it, misnamed
             raise non_finite_loss_error(model, adapter, batches)
-        _release_freed_memory()
+        release_freed_memory()
         for index in range(high, low - 1, -1):
             specs = adapter.group_specs(layers[index]) if index in layer_indices else []
             terms = _layer(layers[index], adapter.layer_name(index), index, specs, calls.pop(index), acts,
                            input_grad=index > low, bar=bar)
             stats.taylor.update({(index, kind): value for kind, value in terms.items()})
             acts.drop(index)
-            _release_freed_memory()
+            release_freed_memory()
     finally:
         bar.close()
         acts.close()
@@ -100,7 +99,7 @@ def _top(
 
     The model's own forward runs with the layers up to `high` standing aside (the last one hands over the stored
     output) and its output embedding passing the final hidden states through; the head then runs on a few tokens
-    at a time (`_chunked_loss`), so the vocabulary-wide logits of a whole window never exist at once.
+    at a time (`chunked_loss`), so the vocabulary-wide logits of a whole window never exist at once.
     """
     current: dict[str, torch.Tensor] = {}
 
@@ -112,17 +111,15 @@ def _top(
 
     head = model.get_output_embeddings()
     device, handover_device = execution_device(model), execution_device(layers[high])
-    _check_head(model, head, batches[0, :HEAD_CHECK_TOKENS][None].to(device))
+    _check_head(model, batches[0, :HEAD_CHECK_TOKENS][None].to(device))
     total_loss = 0.0
-    with _forward_replaced(layers[:high], pass_through), _forward_replaced([layers[high]], hand_over):
+    with forward_replaced(layers[:high], pass_through), forward_replaced([layers[high]], hand_over):
         for sample, ids in enumerate(batches):
             ids = ids[None].to(device)
             hidden = acts.get(high + 1, sample, handover_device).requires_grad_()
             current["hidden"] = hidden
             with torch.enable_grad():
-                with _forward_replaced([head], lambda x: x):
-                    final = model(input_ids=ids, use_cache=False).logits
-                loss = _chunked_loss(head, final, ids)
+                loss = chunked_loss(head, final_hidden(model, ids), ids)
             acts.put(UPSTREAM, sample, hidden.grad)
             total_loss += loss
             bar.update()
@@ -131,10 +128,11 @@ def _top(
     stats.loss = total_loss / max(stats.samples, 1)
 
 
-def _chunked_loss(head: nn.Module, final: torch.Tensor, ids: torch.Tensor) -> float:
-    """`lm_loss` and its backward from the final hidden states, the head applied to a few tokens at a time."""
+def chunked_loss(head: nn.Module, final: torch.Tensor, ids: torch.Tensor) -> float:
+    """`lm_loss` of windows `ids` [batch, tokens] and its backward from their final hidden states, the head applied
+    to a few tokens at a time (so the vocabulary-wide logits never exist at once); returns the loss."""
     leaf = final.detach().requires_grad_()
-    inputs, targets = leaf[0, :-1], ids[0, 1:]
+    inputs, targets = leaf[:, :-1].reshape(-1, leaf.shape[-1]), ids[:, 1:].reshape(-1)
     chunk = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
     total = 0.0
     for start in range(0, targets.numel(), chunk):
@@ -146,19 +144,26 @@ def _chunked_loss(head: nn.Module, final: torch.Tensor, ids: torch.Tensor) -> fl
     return total
 
 
-def _check_head(model: nn.Module, head: nn.Module, ids: torch.Tensor) -> None:
-    """The output embedding applied to the final hidden states must give the model's own loss (checked on a few
-    tokens): a family that transforms its logits after it (softcapping, scaling) would not."""
+def final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The final hidden states of `ids`: the model's own forward with its output embedding passing them through."""
+    with forward_replaced([model.get_output_embeddings()], lambda x: x):
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def head_is_last(model: nn.Module, ids: torch.Tensor) -> bool:
+    """Whether the output embedding applied to the final hidden states gives the model's own loss (checked on a
+    few tokens): a family that transforms its logits after it (softcapping, scaling) does not."""
+    head = model.get_output_embeddings()
     with torch.no_grad():
         reference = lm_loss(model, ids).item()
-        with _forward_replaced([head], lambda x: x):
-            final = model(input_ids=ids, use_cache=False).logits
-        loss = F.cross_entropy(head(final[0, :-1]).float(), ids[0, 1:]).item()
-    if abs(loss - reference) > 1e-4 * max(1.0, abs(reference)):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} transforms its logits after the output embedding (loss {reference:.6f}, "
-            f"head alone {loss:.6f}); use the plain importance path"
-        )
+        loss = F.cross_entropy(head(final_hidden(model, ids)[0, :-1]).float(), ids[0, 1:]).item()
+    return not abs(loss - reference) > 1e-4 * max(1.0, abs(reference))  # a NaN loss is reported later, by name
+
+
+def _check_head(model: nn.Module, ids: torch.Tensor) -> None:
+    if not head_is_last(model, ids):
+        raise UnsupportedModelError(f"{type(model).__name__} transforms its logits after the output embedding; "
+                                    "use the plain importance path")
 
 
 def _layer(
@@ -210,30 +215,12 @@ def _layer(
         }
 
 
-def _release_freed_memory() -> None:
-    """Hand the memory a finished layer freed back to the OS (glibc keeps it otherwise, and the process's memory
-    creeps up layer after layer from fragmentation); elsewhere a no-op."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-    return libc if hasattr(libc, "malloc_trim") else None
-
-
-_LIBC = _load_libc()
-
-
 def _as_output(hidden: torch.Tensor, arity: int):
     return hidden if arity == 0 else (hidden,) + (None,) * (arity - 1)
 
 
 @contextmanager
-def _forward_replaced(modules: list[nn.Module], forward: Callable) -> Iterator[None]:
+def forward_replaced(modules: list[nn.Module], forward: Callable) -> Iterator[None]:
     """Temporarily route calls of `modules` to `forward` (accelerate's wrapper, if any, is restored after)."""
     saved = [module.__dict__.get("forward") for module in modules]
     for module in modules:

@@ -112,12 +112,16 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+SHARD_SIZE = "2GB"
+
+
 def save_model(model, tokenizer, out: Path, *, extra_json: dict[str, dict] | None = None, force: bool = False) -> Path:
     """Model (safetensors + config with per-layer widths), tokenizer and JSON side files, atomically; a model with
     NaN or Inf weights is refused before anything is written."""
     check_finite_weights(model, f"not saving to {out}")
     with atomic_dir(Path(out), force=force) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # An offloaded model's weights are read back one shard at a time: small shards bound saving's memory.
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=SHARD_SIZE)
         if getattr(model.config, "hywia_layers", None) is not None:  # pruned: its family's modeling code too
             add_remote_code(model, tmp)
         if tokenizer is not None:

@@ -33,7 +33,13 @@ def model(tiny_model_factory):
     return model
 
 
-def test_perplexity_equals_direct_computation_from_logits(model, tiny_tokenizer):
+@pytest.mark.parametrize("head", ["a few tokens at a time", "whole logits"])
+def test_perplexity_equals_direct_computation_from_logits(model, tiny_tokenizer, head, monkeypatch):
+    from hywia.eval import perplexity as module
+
+    if head == "whole logits":  # as for a family that transforms its logits after the output embedding
+        monkeypatch.setattr(module, "head_is_last", lambda model, ids: False)
+    monkeypatch.setattr(module, "HEAD_CHUNK_ELEMENTS", 300 * 7)  # 7 tokens a chunk: several per window
     batch = windows(token_stream(tiny_tokenizer, [TINY_TEXT] * 3), 16)
     assert batch.shape[0] >= 5  # several chunks of batch_size 2, the last one partial
     with torch.no_grad():

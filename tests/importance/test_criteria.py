@@ -142,3 +142,35 @@ def test_fusion_with_global_allocation_learns_layer_scales(tiny_model_factory):
     assert any(abs(v) > 1e-6 for v in shifts)
     keep = ctx.allocate(scores)
     assert all(1 <= keep[key] <= score.numel() for key, score in scores.items())
+
+
+def test_fusion_step_recomputes_layers_and_chunks_the_head_without_changing_the_gradient(tiny_model_factory,
+                                                                                           monkeypatch):
+    """The fusion's memory savers (each layer recomputed in the backward, the head a few tokens at a time) give the
+    loss and the gates' gradient of the plain batch backward."""
+    from hywia.importance import layerwise
+    from hywia.importance.fusion import _gated, _recomputed
+    from hywia.importance.statistics import lm_loss
+
+    monkeypatch.setattr(layerwise, "HEAD_CHUNK_ELEMENTS", 300 * 7)  # 7 tokens a chunk: several chunks per window
+    ctx = _context(tiny_model_factory("llama"))
+    specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
+    for param in ctx.model.parameters():
+        param.requires_grad_(False)
+    ids = ctx.batches[:3]
+    results = []
+    for saving in (False, True):
+        gate = torch.full((specs[(2, "mlp")].count,), 0.7, requires_grad=True)
+        with _gated(ctx, specs, {(2, "mlp"): gate}, None):
+            if saving:
+                with _recomputed(ctx.adapter.layers()):
+                    loss = layerwise.chunked_loss(ctx.model.lm_head, layerwise.final_hidden(ctx.model, ids), ids)
+            else:
+                loss_tensor = lm_loss(ctx.model, ids)
+                loss_tensor.backward()
+                loss = loss_tensor.item()
+        results.append((loss, gate.grad))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
+    assert results[0][1].abs().sum() > 0
+    torch.testing.assert_close(results[1][1], results[0][1])
+    assert "forward" not in vars(ctx.adapter.layers()[0])  # the layers' own forward is back
