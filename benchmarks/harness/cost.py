@@ -39,6 +39,7 @@ def measure_step(
     """One statistics pass (the pipeline's calibrate stage) in this process (call it in a fresh one): memory added
     and seconds."""
     from hywia.io import load_model
+    from hywia.measure import release_freed_memory
     from hywia.pipeline import Pipeline
     from hywia.settings import CalibrationConfig, RuntimeConfig
 
@@ -55,6 +56,7 @@ def measure_step(
             param.sum()  # touch every page: a lazily mapped weight must not count as the pass's memory
     on_cuda = next(net.parameters()).device.type == "cuda"
     gc.collect()
+    release_freed_memory()  # as the stage itself does first: its trim must not take RSS below the start mark
     start = _memory_start(on_cuda)
     wall, cpu = time.perf_counter(), time.process_time()
     pipeline.calibrate([], gradients=True)
