@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data.text import calibration_passages, calibration_windows, read_text_file
+from .data.text import calibration_source, calibration_windows
 from .errors import InvalidRequestError
 from .eval.perplexity import heldout_windows, perplexity
 from .importance import ScoringContext, collect_statistics, get_criterion
@@ -123,7 +123,7 @@ def prune(
     if allocation == "global":
         allocate = partial(allocate_global, adapter, layer_indices, ratio, round_to=round_to)
 
-    passages = read_text_file(Path(calib)) if calib else calibration_passages()
+    calib_text, passages = calibration_source(calib)
     batches = calibration_windows(tokenizer, passages, calib_samples, seq_len, seed)
     params_before, decoder_before = count_params(model), adapter.num_decoder_params()
     ppl_before, ppl_info, eval_windows = None, None, None
@@ -172,7 +172,7 @@ def prune(
                       "offload_folder": str(offload_folder) if placed else None},
         "layers": [adapter.widths(layer) for layer in adapter.layers()],
         "calibration": {
-            "text": str(calib) if calib else "LAMBADA-openai test passages (fiction), calibration part",
+            "text": calib_text,
             "samples": calib_samples,
             "seq_len": seq_len,
             "seed": seed,

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", default="hywia",
                    help="hywia | fixed:A | taylor-element1 | taylor-element2 | taylor-vector | flap | wanda-sp | "
                         "magnitude | random")
-    p.add_argument("--calib", default=None, help=".txt or .jsonl (field 'text'); default: LAMBADA passages")
+    p.add_argument("--calib", default=None, help="built-in source (lambada, wiki) or a .txt/.jsonl file (field 'text') [lambada]")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--layers", default=None, help="layers to prune as A:B (default: keep first ~10%% and last 2)")
@@ -101,7 +101,7 @@ def _add_bench_parser(commands) -> None:
                    help="comma list; an entry may carry prune options: hywia@allocation=global@compensate=bias")
     p.add_argument("--prune-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra hywia.prune argument for every run (repeatable), e.g. allocation=global")
-    p.add_argument("--calib", default=None, help=".txt or .jsonl (field 'text'); default: LAMBADA passages")
+    p.add_argument("--calib", default=None, help="built-in source (lambada, wiki) or a .txt/.jsonl file (field 'text') [lambada]")
     p.add_argument("--calib-samples", type=int, default=64)
     _add_measure_flags(p, "lambada,coqa", DEFAULT_LIMIT)
     p.add_argument("--out-dir", default="bench", help="folder for bench.json, bench.md and the PNG plots")

@@ -37,7 +37,7 @@ def measure_step(
     device: str | None, seed: int, calib: str | None = None,
 ) -> dict:
     """One statistics pass in this process (call it in a fresh one): memory added and seconds."""
-    from ..data.text import calibration_passages, calibration_windows, read_text_file
+    from ..data.text import calibration_source, calibration_windows
     from ..importance import collect_statistics
     from ..io import load_model
     from ..models import adapter_for
@@ -47,7 +47,7 @@ def measure_step(
     net, tokenizer = load_model(model, device=device, dtype=dtype)
     adapter = adapter_for(net)
     layer_indices = parse_layers(layers, len(adapter.layers()))
-    passages = read_text_file(Path(calib)) if calib else calibration_passages()
+    _, passages = calibration_source(calib)
     batches = calibration_windows(tokenizer, passages, samples, seq_len, seed)
     unique = {p.data_ptr(): p for p in net.parameters()}.values()
     weights_mb = sum(p.numel() * p.element_size() for p in unique) / 2**20

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..api import prune
-from ..data.text import calibration_passages, calibration_windows, read_text_file
+from ..data.text import calibration_source, calibration_windows
 from ..errors import InvalidRequestError
 from ..eval.api import evaluate, machine, parse_list, parse_tasks, parse_texts
 from ..importance import ScoringContext, collect_statistics, get_criterion
@@ -189,7 +189,7 @@ def run(
     out_dir.mkdir(parents=True, exist_ok=True)
     say = _printer(progress)
 
-    passages = read_text_file(Path(calib)) if calib else calibration_passages()
+    calib_text, passages = calibration_source(calib)
     batches = calibration_windows(tokenizer, passages, calib_samples, seq_len, seed)
     measure = dict(ppl_texts=texts, tasks=task_names, limit=limit, seed=seed, seq_len=seq_len, ppl_tokens=ppl_tokens)
     record: dict = {
@@ -200,7 +200,7 @@ def run(
         "settings": {
             "ratios": ratios, "criteria": [v.label for v in variants], "tasks": task_names, "limit": limit,
             "seed": seed, "ppl_texts": texts, "ppl_tokens": ppl_tokens, "seq_len": seq_len,
-            "calibration": {"text": str(calib) if calib else "LAMBADA-openai test passages (fiction), calibration part",
+            "calibration": {"text": calib_text,
                             "samples": calib_samples, "seq_len": seq_len, "seed": seed},
             "prune_kwargs": common,
         },
