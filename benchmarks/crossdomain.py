@@ -20,6 +20,7 @@ import json
 import math
 import platform
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -57,6 +58,7 @@ class Variant:
 # Criteria that need constructor arguments the registry's `name:arg` form cannot pass.
 CRITERION_FACTORIES: dict[str, Callable[[], Criterion]] = {
     "hywia-equal": partial(HywiaFusion, steps=0),
+    "hywia-validated": partial(HywiaFusion, validation_share=0.25),
 }
 
 # hywia's default; its three views and a fixed blend under the same allocation and compensation; the peers at their
@@ -73,6 +75,11 @@ VARIANTS = {v.label: v for v in [
     Variant("FLAP recipe", "flap", "global", "bias"),
     Variant("LLM-Pruner e1 recipe", "taylor-element1", "uniform", "none"),
     Variant("Wanda-sp recipe", "wanda-sp", "uniform", "none"),
+    # Questions of issue 17: a blend checked on held-out calibration windows; the least-squares ridge chosen on them.
+    Variant("hywia-validated", "hywia-validated", "global", "lstsq"),
+    Variant("hywia/lstsq-cv", "hywia", "global", "lstsq-cv"),
+    Variant("fine/lstsq-cv", "taylor-element1", "global", "lstsq-cv"),
+    Variant("fluctuation/lstsq-cv", "flap", "global", "lstsq-cv"),
 ]}
 DEFAULT_VARIANTS = ",".join(VARIANTS)
 
@@ -101,12 +108,12 @@ def score_plan(model, adapter, layers: list[int], batches: torch.Tensor, stats, 
 
 
 def cut(model, plan, batches: torch.Tensor, compensation: str):
-    """A pruned copy of the dense model: compensation on the calibration windows, then surgery."""
+    """(a pruned copy of the dense model, each projection's fit): compensation on the calibration windows, then
+    surgery."""
     pruned = copy.deepcopy(model)
-    if compensation != "none":
-        compensate(pruned, adapter_for(pruned), plan, batches, compensation)
+    fits = compensate(pruned, adapter_for(pruned), plan, batches, compensation) if compensation != "none" else {}
     apply_plan(pruned, plan)
-    return pruned
+    return pruned, fits
 # --- end of pipeline internals ---
 
 
@@ -166,19 +173,21 @@ def main() -> None:
     meta["statistics_seconds"] = round(time.perf_counter() - started, 1)
     rows = [_row(0.0, "dense", None, {n: perplexity(model, w) for n, (_, w) in texts.items()}, in_domain, 0.0, {})]
     _report(out, meta, rows, list(texts))
-    for ratio in (float(r) for r in args.ratios.split(",")):
-        plans: dict[tuple, tuple] = {}
-        for variant in variants:
+    plans: dict[tuple, tuple] = {}
+    # Variant by variant (in the order given, both ratios each), so an interrupted run keeps the first variants whole.
+    for variant in variants:
+        for ratio in (float(r) for r in args.ratios.split(",")):
             started = time.perf_counter()
-            # Only the fusion's scores depend on the compensation (what its soft gates put in place of a group).
-            key = (variant.criterion, variant.allocation,
-                   variant.compensation if isinstance(variant.make(), HywiaFusion) else None)
+            # Only the fusion's scores depend on the compensation: whether its gates put a closed group's mean in place.
+            key = (ratio, variant.criterion, variant.allocation,
+                   variant.compensation == "none" if isinstance(variant.make(), HywiaFusion) else None)
             if key not in plans:
                 plans[key] = score_plan(model, adapter, layers, batches, stats, ratio, variant)
             plan, summary = plans[key]
-            pruned = cut(model, plan, batches, variant.compensation)
+            pruned, fits = cut(model, plan, batches, variant.compensation)
             seconds = time.perf_counter() - started
             ppl = {n: perplexity(pruned, w) for n, (_, w) in texts.items()}
+            summary = {**summary, "compensation_fits": dict(Counter(fits.values()))}
             rows.append(_row(ratio, variant.label, variant, ppl, in_domain, seconds, summary))
             del pruned
             _report(out, meta, rows, list(texts))
@@ -215,7 +224,7 @@ def _markdown(meta: dict, rows: list[dict], texts: list[str]) -> str:
         "surgery of that row (scores shared between rows that differ only in compensation are counted once).",
         "", "| ratio | variant | recipe | " + " | ".join(header) + " | cross gm | seconds |",
         "|---|---|---|" + "---|" * len(texts) + "---|---|"]
-    for row in rows:
+    for row in sorted(rows, key=lambda r: r["ratio"]):
         ppl = " | ".join(f"{row['ppl'][t]:.2f}" for t in texts)
         lines.append(f"| {row['ratio']:.1f} | {row['variant']} | {row['recipe']} | {ppl} | "
                      f"**{row['cross_gm']:.2f}** | {row['seconds']} |")

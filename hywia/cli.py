@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove query heads evenly per KV group, or whole KV groups")
     p.add_argument("--allocation", choices=["uniform", "global"], default="global",
                    help="same share per pruned layer, or rank the groups of all pruned layers together")
-    p.add_argument("--compensate", choices=["none", "bias", "lstsq"], default="lstsq",
-                   help="fold what the removed groups wrote into a bias (FLAP) or refit kept columns by least squares")
+    p.add_argument("--compensate", choices=["none", "bias", "lstsq", "lstsq-cv"], default="lstsq",
+                   help="fold what the removed groups wrote into a bias (FLAP) or refit kept columns by least squares "
+                        "(lstsq-cv: ridge chosen on held-out calibration windows)")
     p.add_argument("--round-to", type=int, default=1, help="round kept MLP widths (and heads where possible) to N")
     p.add_argument("--importance-path", choices=["layerwise", "plain"], default="layerwise",
                    help="gradient statistics one layer at a time (little memory) or by full backward (same scores)")

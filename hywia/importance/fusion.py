@@ -19,6 +19,11 @@ is learned with the blend, so the end-to-end objective also decides how much eac
 
 The third view is this project's addition to the paper's two (HYWIA.md): with least-squares compensation, ranking
 by the loss-based views alone kept far worse groups at 50% (BENCHMARKS.md).
+
+With `validation_share` > 0 the blend is learned on the first calibration windows only; the rest judge it: the
+learned blend and each view alone (its raw scores, so under a global allocation it is exactly that view's own
+criterion) are cut hard at the target (gated-off groups replaced as the surgery will) and the one with the lowest
+LM loss on the held-out windows is returned, so the fusion can become any single view when learning does not pay.
 """
 
 from __future__ import annotations
@@ -128,16 +133,25 @@ class HywiaFusion(Criterion):
         lr: float = 0.05,
         temperature: tuple[float, float] = (0.3, 0.01),
         log_temperature: tuple[float, float] = (1.0, 0.05),
+        validation_share: float = 0.0,
     ) -> None:
         if steps < 0:
             raise ValueError("steps must be >= 0")
+        if not 0.0 <= validation_share < 1.0:
+            raise ValueError("validation_share must lie in [0, 1)")
         self.steps, self.batch_size, self.lr = steps, batch_size, lr
+        self.validation_share = validation_share
         self.temperature, self.log_temperature = temperature, log_temperature
         self._summary: dict = {}
 
     def score(self, ctx: ScoringContext) -> dict[LayerKind, torch.Tensor]:
-        fine, coarse, scale = granularities(ctx)
-        views = {"fine": fine, "coarse": coarse, "fluctuation": normalise(fluctuation_scores(ctx))}
+        raw = {"fine": taylor_scores(ctx, "fine", FINE_ORDER), "coarse": taylor_scores(ctx, "coarse", COARSE_ORDER),
+               "fluctuation": fluctuation_scores(ctx)}
+        views = {v: normalise(raw[v]) for v in VIEWS}
+        fine, coarse = views["fine"], views["coarse"]
+        scale = {key: float(value.mean()) for key, value in raw["fine"].items()}
+        held_out = int(ctx.batches.shape[0] * self.validation_share)
+        fit_batches, held_out_batches = ctx.batches[:ctx.batches.shape[0] - held_out], ctx.batches[-held_out:]
         keys = list(fine)
         n_layers = len(ctx.adapter.layers())
         tokens = {k: [_token_features(views[v][k]) for v in VIEWS] for k in keys}
@@ -162,14 +176,19 @@ class HywiaFusion(Criterion):
             return {k: sum(alphas[k][:, i] * views[v][k] for i, v in enumerate(VIEWS)) for k in keys}, alphas
 
         if ctx.allocate is None:
-            losses = self._learn_uniform(ctx, attention, blend) if self.steps else []
+            losses = self._learn_uniform(ctx, attention, blend, fit_batches) if self.steps else []
         else:
             # The soft mask sees the global allocation: one threshold over all layers, on score per parameter.
             keep = ctx.allocate({k: sum(views[v][k] for v in VIEWS) / len(VIEWS) * scale[k] for k in keys})
-            losses = self._learn_global(ctx, attention, blend, log_scale, keys, keep) if self.steps else []
+            losses = self._learn_global(ctx, attention, blend, log_scale, keys, keep, fit_batches) if self.steps else []
         with torch.no_grad():
             scores, alphas = blend()
         learned_log_scale = log_scale.detach()
+        learned = {k: scores[k] * float(learned_log_scale[i].exp()) for i, k in enumerate(keys)}
+        candidates = {"learned": learned, **raw}
+        validation = {name: _held_out_loss(ctx, candidate, held_out_batches)
+                      for name, candidate in candidates.items()} if held_out else {}
+        choice = min(validation, key=validation.get) if validation else "learned"
         self._summary = {
             "alpha_mean": {v: float(torch.cat([a[:, i] for a in alphas.values()]).mean()) for i, v in enumerate(VIEWS)},
             "per_layer": [
@@ -181,13 +200,17 @@ class HywiaFusion(Criterion):
             "steps": self.steps,
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None,
+            "held_out_windows": held_out,
+            "held_out_loss": validation,
+            "choice": choice,
         }
-        return {k: scores[k] * float(learned_log_scale[i].exp()) for i, k in enumerate(keys)}
+        return candidates[choice]
 
     def summary(self) -> dict:
         return self._summary
 
-    def _learn_uniform(self, ctx: ScoringContext, attention: FusionAttention, blend) -> list[float]:
+    def _learn_uniform(self, ctx: ScoringContext, attention: FusionAttention, blend,
+                       batches: torch.Tensor) -> list[float]:
         """Soft gates per layer and kind at the uniform allocation's share (tau = that share's quantile of I)."""
         specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
         removed_share = {k: 1 - ctx.keep[k] / specs[k].count for k in specs}
@@ -197,11 +220,11 @@ class HywiaFusion(Criterion):
             return {k: torch.sigmoid((scores[k] - torch.quantile(scores[k], share)) / temperature)
                     for k, share in removed_share.items() if share > 0}
 
-        return self._optimise(ctx, list(attention.parameters()), gates, self.temperature)
+        return self._optimise(ctx, list(attention.parameters()), gates, self.temperature, batches)
 
     def _learn_global(
         self, ctx: ScoringContext, attention: FusionAttention, blend, log_scale: nn.Parameter,
-        keys: list[LayerKind], keep: dict[LayerKind, int],
+        keys: list[LayerKind], keep: dict[LayerKind, int], batches: torch.Tensor,
     ) -> list[float]:
         """Soft gates on log score per parameter against one global threshold, learning the layer scales too."""
         specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
@@ -221,11 +244,13 @@ class HywiaFusion(Criterion):
             soft = torch.sigmoid((z - tau) / temperature)
             return dict(zip(keys, soft.split([specs[k].count for k in keys])))
 
-        return self._optimise(ctx, [*attention.parameters(), log_scale], gates, self.log_temperature)
+        return self._optimise(ctx, [*attention.parameters(), log_scale], gates, self.log_temperature, batches)
 
-    def _optimise(self, ctx: ScoringContext, params: list, gates_at, temperature: tuple[float, float]) -> list[float]:
-        """Minimise the LM loss of the frozen model under the soft gates, annealing T; returns the loss per step."""
-        if ctx.batches.shape[0] == 0:
+    def _optimise(self, ctx: ScoringContext, params: list, gates_at, temperature: tuple[float, float],
+                  batches: torch.Tensor) -> list[float]:
+        """Minimise the LM loss of the frozen model under the soft gates on `batches`, annealing T; returns the loss
+        per step."""
+        if batches.shape[0] == 0:
             raise InvalidRequestError("the learned fusion needs calibration samples")
         device = next(ctx.model.parameters()).device
         dtype = next(ctx.model.parameters()).dtype
@@ -240,13 +265,39 @@ class HywiaFusion(Criterion):
                 t = t_start * (t_end / t_start) ** (step / max(self.steps - 1, 1))
                 gates.clear()
                 gates.update({k: g.to(device, dtype) for k, g in gates_at(t).items()})
-                pick = torch.randint(ctx.batches.shape[0], (self.batch_size,), generator=generator)
-                loss = lm_loss(ctx.model, ctx.batches[pick].to(device))
+                pick = torch.randint(batches.shape[0], (self.batch_size,), generator=generator)
+                loss = lm_loss(ctx.model, batches[pick].to(device))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.item())
         return losses
+
+
+@torch.no_grad()
+def _held_out_loss(ctx: ScoringContext, scores: dict[LayerKind, torch.Tensor], batches: torch.Tensor,
+                   batch_size: int = 8) -> float:
+    """Mean LM loss on `batches` with the groups these scores would remove gated off hard (replaced as the surgery
+    will), at the allocation the pipeline would use."""
+    from ..pruning.plan import select
+
+    plan = select(ctx.adapter, scores, ctx.allocate(scores) if ctx.allocate else ctx.keep)
+    specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
+    device = next(ctx.model.parameters()).device
+    dtype = next(ctx.model.parameters()).dtype
+    gates = {}
+    for (layer, kind), spec in specs.items():
+        kept = plan.layers.get(layer, {}).get(kind)
+        gate = torch.ones(spec.count, dtype=dtype, device=device)
+        if kept is not None:
+            gate.zero_()[kept] = 1.0
+        gates[(layer, kind)] = gate
+    total = 0.0
+    with _frozen(ctx.model), _gated(ctx, specs, gates, _replacements(ctx, specs)):
+        for start in range(0, batches.shape[0], batch_size):
+            chunk = batches[start:start + batch_size]
+            total += float(lm_loss(ctx.model, chunk.to(device))) * chunk.shape[0]
+    return total / batches.shape[0]
 
 
 @contextmanager

@@ -142,3 +142,44 @@ def test_fusion_with_global_allocation_learns_layer_scales(tiny_model_factory):
     assert any(abs(v) > 1e-6 for v in shifts)
     keep = ctx.allocate(scores)
     assert all(1 <= keep[key] <= score.numel() for key, score in scores.items())
+
+
+@pytest.mark.parametrize("global_allocation", [False, True])
+def test_validated_fusion_returns_the_candidate_with_the_lowest_held_out_loss(tiny_model_factory, global_allocation):
+    from functools import partial
+
+    from hywia.pruning import allocate_global
+
+    ctx = _context(tiny_model_factory("llama"), ratio=0.3)
+    if global_allocation:
+        ctx.allocate = partial(allocate_global, ctx.adapter, ctx.layer_indices, 0.3)
+    fusion = HywiaFusion(steps=2, batch_size=2, validation_share=0.5)
+    scores = fusion.score(ctx)
+    summary = fusion.summary()
+    assert summary["held_out_windows"] == 2
+    assert set(summary["held_out_loss"]) == {"learned", *VIEWS}
+    assert summary["choice"] == min(summary["held_out_loss"], key=summary["held_out_loss"].get)
+    if summary["choice"] != "learned":  # a single view is returned as its own criterion's raw scores
+        own = {"fine": "taylor-element1", "coarse": "taylor-vector", "fluctuation": "flap"}[summary["choice"]]
+        expected = get_criterion(own).score(ctx)
+        for key in scores:
+            torch.testing.assert_close(scores[key], expected[key])
+
+
+def test_validated_fusion_learns_only_on_the_fitted_windows(tiny_model_factory, monkeypatch):
+    from hywia.importance import fusion as fusion_module
+
+    seen = []
+    original = fusion_module.lm_loss
+    monkeypatch.setattr(fusion_module, "lm_loss", lambda model, ids: seen.append(ids.clone()) or original(model, ids))
+    ctx = _context(tiny_model_factory("llama"), ratio=0.3)
+    HywiaFusion(steps=3, batch_size=2, validation_share=0.5).score(ctx)
+    fitted, held_out = ctx.batches[:2], ctx.batches[2:]
+    learning = seen[:3]
+    assert all(any(torch.equal(row, f) for f in fitted) for batch in learning for row in batch)
+    assert not any(torch.equal(row, h) for batch in learning for row in batch for h in held_out)
+
+
+def test_validation_share_must_leave_windows_to_fit():
+    with pytest.raises(ValueError):
+        HywiaFusion(validation_share=1.0)

@@ -20,7 +20,7 @@ def _plan(model, ratio=0.4):
     return adapter, select(adapter, scores, allocate_uniform(adapter, layers, ratio))
 
 
-@pytest.mark.parametrize("mode", ["bias", "lstsq"])
+@pytest.mark.parametrize("mode", ["bias", "lstsq", "lstsq-cv"])
 def test_compensation_shrinks_the_error_and_survives_surgery(tiny_model_factory, tiny_tokenizer, tmp_path, mode):
     dense = tiny_model_factory("qwen2")
     with torch.no_grad():  # give activations a mean, so there is something to compensate
@@ -30,7 +30,10 @@ def test_compensation_shrinks_the_error_and_survives_surgery(tiny_model_factory,
     adapter, plan = _plan(dense)
     plain = mask_plan(copy.deepcopy(dense), plan)
     fixed = copy.deepcopy(dense)
-    compensate(fixed, adapter_for(fixed), plan, ids, mode)
+    fits = compensate(fixed, adapter_for(fixed), plan, ids, mode)
+    assert len(fits) == 2 * len(plan.layers)  # o_proj and down_proj of every pruned layer
+    if mode == "lstsq-cv":
+        assert all(fit == "bias" or fit.startswith("ridge ") for fit in fits.values())
     masked_fixed = mask_plan(copy.deepcopy(fixed), plan)
     with torch.no_grad():
         reference = dense(input_ids=ids).logits
@@ -116,3 +119,41 @@ def test_later_layers_are_fitted_on_the_pruned_model_inputs(tiny_model_factory):
     torch.testing.assert_close(fitted.weight[:, kept], (weight[:, kept].double() + delta).float(), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fitted.bias, bias.float(), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(stale.solve(ridge=1e-2)[1], bias, atol=1e-4)  # the dense inputs differ
+
+
+def _held_out_moments(weight, kept, removed, fitted, held):
+    moments = ProjectionMoments(weight, kept, removed, "lstsq-cv")
+    moments.add(fitted)
+    moments.add(held, held_out=True)
+    return moments
+
+
+def test_held_out_ridge_falls_back_to_bias_when_kept_inputs_do_not_predict_removed_ones():
+    """Removed inputs independent of the kept ones: a least-squares fit on few tokens only learns noise, which the
+    held-out windows expose, so only the bias stays."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 34, dtype=torch.float64, generator=generator)
+    kept, removed = torch.arange(30), torch.arange(30, 34)
+    moments = _held_out_moments(weight, kept, removed, torch.randn(40, 34, dtype=torch.float64, generator=generator),
+                                torch.randn(40, 34, dtype=torch.float64, generator=generator))
+    delta, bias = moments.solve(ridge=1e-2)
+    assert moments.choice == "bias" and delta is None
+    torch.testing.assert_close(bias, weight[:, removed] @ moments.removed_sum / 80)
+
+
+def test_held_out_ridge_keeps_an_exact_fit_and_refits_on_every_window():
+    """Removed inputs an affine function of the kept ones: the smallest ridge wins on the held-out windows, and the
+    final fit uses all windows."""
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(6, 5, dtype=torch.float64, generator=generator)
+    kept, removed = torch.tensor([0, 1, 2]), torch.tensor([3, 4])
+    x = torch.randn(200, 5, dtype=torch.float64, generator=generator)
+    x[:, removed] = x[:, kept[:2]] * 2.0 - 1.0
+    moments = _held_out_moments(weight, kept, removed, x[:150], x[150:])
+    delta, bias = moments.solve(ridge=1.0)
+    assert moments.choice == "ridge 0.0001"
+    reference = ProjectionMoments(weight, kept, removed, "lstsq")
+    reference.add(x)
+    expected_delta, expected_bias = reference.solve(ridge=1e-4)
+    torch.testing.assert_close(delta, expected_delta)
+    torch.testing.assert_close(bias, expected_bias)
