@@ -68,14 +68,15 @@ def sciq_passages() -> list[str]:
 
 def python_reference_passages() -> list[str]:
     """The Python language reference's topics as shipped with CPython (pydoc_data.topics), sorted by topic name:
-    technical prose with grammar and code. The text follows the running Python version."""
+    technical prose with grammar and code (topics sharing one text appear once). The text follows the running
+    Python version."""
     from pydoc_data.topics import topics
 
-    return [topics[name].strip() for name in sorted(topics)]
+    return list(dict.fromkeys(topics[name].strip() for name in sorted(topics)))
 
 
 def dialogue_passages() -> list[str]:
-    """The last `DIALOGUE_CONVERSATIONS` complete conversations of the packaged ShareGPT V3 file that are mostly in
+    """The distinct ones among the last `DIALOGUE_CONVERSATIONS` complete conversations of the packaged ShareGPT V3 file that are mostly in
     Latin script (>= 95% ASCII characters), each rendered as "User: ... / Assistant: ..." turns and cut at
     `DIALOGUE_CHARS` characters so that a few long code sessions do not fill the text. `hywia tune` reads this
     file from its start, so a tune on fewer than the first ~16,000 conversations never sees these."""
@@ -86,7 +87,7 @@ def dialogue_passages() -> list[str]:
         for messages in read_sharegpt()
     ]
     mostly_latin = [c for c in conversations if sum(ch.isascii() for ch in c) >= 0.95 * len(c)]
-    return mostly_latin[-DIALOGUE_CONVERSATIONS:]
+    return list(dict.fromkeys(mostly_latin[-DIALOGUE_CONVERSATIONS:]))
 
 
 def calibration_passages() -> list[str]:
