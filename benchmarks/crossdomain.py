@@ -19,6 +19,7 @@ import copy
 import json
 import math
 import platform
+import shlex
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -158,7 +159,8 @@ def main() -> None:
     in_domain = args.calib if args.calib in texts else None
     meta = {
         "command": "python benchmarks/crossdomain.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "threads"),
+            f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(args).items()
+            if v is not None and k != "threads"),
         "model": "SmolLM2-135M-Instruct (embedded Q4_1 GGUF dequantised to float32; Instruct variant)",
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), shared 2-core CPU",
         "calibration": f"{args.calib_samples} x {args.seq_len} tokens of {calib_description}, seed 0",
