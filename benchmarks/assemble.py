@@ -10,6 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 SECTIONS = [
+    ("Cross-domain quality: calibrate on one source, judge on other genres", "crossdomain.md", None),
     ("Quality: criterion x allocation x compensation (no recovery tuning)", "ablation.md",
      "python benchmarks/ablation.py --ratios 0.2,0.5 --calib-samples 64 --eval-tokens 4096"),
     ("Variants tried on the way to the defaults", "variants.md", None),

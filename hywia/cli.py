@@ -150,7 +150,8 @@ def _add_bench_parser(commands) -> None:
                         "@compensate=bias")
     p.add_argument("--prune-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra hywia.prune argument for every run (repeatable), e.g. allocation=global")
-    p.add_argument("--calib", default=None, help="UTF-8 .txt, .jsonl (field 'text') or .json; default: LAMBADA")
+    p.add_argument("--calib", default=None,
+                   help="built-in source (lambada, wiki) or a UTF-8 .txt, .jsonl (field 'text') or .json file [lambada]")
     p.add_argument("--calib-samples", type=int, default=64)
     _add_measure_flags(p, "lambada,coqa", DEFAULT_LIMIT)
     p.add_argument("--out-dir", default="bench", help="folder for bench.json, bench.md and the PNG plots")

@@ -13,12 +13,11 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .data.text import calibration_passages, calibration_windows, check_seq_len_fits, read_text_file
+from .data.text import calibration_description, calibration_source, calibration_windows, check_seq_len_fits
 from .errors import InvalidRequestError
 from .importance import Criterion, ScoringContext, Statistics, collect_statistics, get_criterion
 from .measure import StageLog, count_params
@@ -28,8 +27,6 @@ from .pruning import (PruningPlan, allocate_global, allocate_uniform, apply_plan
 from .pruning.compensate import compensate
 from .pruning.methods import parse_allocation, parse_compensation
 from .settings import CalibrationConfig, PruneConfig, RuntimeConfig, format_spec
-
-DEFAULT_CALIBRATION_TEXT = "LAMBADA-openai test passages (fiction), calibration part"
 
 
 @dataclass
@@ -102,7 +99,7 @@ class Pipeline:
         """The calibration windows (built once; the same for statistics, fusion and compensation)."""
         if self._windows is None:
             calib = self.calibration.calib
-            passages = read_text_file(Path(calib)) if calib else calibration_passages()
+            _, passages = calibration_source(calib)
             self._windows = calibration_windows(self.tokenizer, passages, self.calibration.calib_samples,
                                                 self.calibration.seq_len, self.runtime.seed)
         return self._windows
@@ -202,7 +199,7 @@ class Pipeline:
             "importance_path": self.runtime.importance_path,
             "layers": [adapter.widths(layer) for layer in adapter.layers()],
             "calibration": {
-                "text": self.calibration.calib or DEFAULT_CALIBRATION_TEXT,
+                "text": calibration_description(self.calibration.calib),
                 "samples": self.calibration.calib_samples,
                 "seq_len": self.calibration.seq_len,
                 "seed": self.runtime.seed,

@@ -28,7 +28,8 @@ from ..importance.fusion import spearman
 from ..importance.taylor import taylor_scores
 from ..measure import StageLog, count_params, peak_rss_mb, reset_peak_rss, status_mb
 from ..models import adapter_for
-from ..pipeline import DEFAULT_CALIBRATION_TEXT, Pipeline, PreparedRun
+from ..data.text import calibration_description
+from ..pipeline import Pipeline, PreparedRun
 from ..settings import CalibrationConfig, PruneConfig, RuntimeConfig
 from .plots import plot_agreement, plot_alpha, plot_widths
 from .report import render_markdown, write_markdown
@@ -171,7 +172,7 @@ def run(
         "load_average_start": list(os.getloadavg()),
         "command": command,
         "settings": {**measure, "ratios": ratios, "criteria": [v.label for v in variants],
-                     "calibration": {"text": calibration.calib or DEFAULT_CALIBRATION_TEXT,
+                     "calibration": {"text": calibration_description(calibration.calib),
                                      "samples": calib_samples, "seq_len": seq_len, "seed": seed},
                      "prune_kwargs": common},
         "runs": [],

