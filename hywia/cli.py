@@ -140,7 +140,7 @@ def _add_eval_parser(commands) -> None:
 
 
 def _add_bench_parser(commands) -> None:
-    from .bench import DEFAULT_CRITERIA, DEFAULT_LIMIT
+    from .bench import CROSS_DOMAIN_TEXTS, DEFAULT_CRITERIA, DEFAULT_LIMIT
 
     p = commands.add_parser("bench", help="prune with several criteria and ratios, evaluate each side by side")
     _add_model_flags(p)
@@ -153,7 +153,7 @@ def _add_bench_parser(commands) -> None:
     p.add_argument("--calib", default=None,
                    help="built-in source (lambada, wiki) or a UTF-8 .txt, .jsonl (field 'text') or .json file [lambada]")
     p.add_argument("--calib-samples", type=int, default=64)
-    _add_measure_flags(p, "lambada,coqa", DEFAULT_LIMIT)
+    _add_measure_flags(p, CROSS_DOMAIN_TEXTS, DEFAULT_LIMIT)
     p.add_argument("--out-dir", default="bench", help="folder for bench.json, bench.md and the PNG plots")
     p.add_argument("--markdown", default=None, help="also write the table section into this file (BENCHMARKS.md)")
     p.set_defaults(run=_bench, command_parser=p)
@@ -182,9 +182,10 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from .bench import run
-    from .bench.run import parse_option
     from pathlib import Path
+
+    from .bench import CROSS_DOMAIN_TEXTS, run
+    from .bench.run import parse_option
 
     from .io import check_output, describe, load_model, local_path
 
@@ -193,7 +194,7 @@ def _bench(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise HywiaError(f"--ratios must be a comma list of numbers, got {args.ratios!r}") from exc
     options = dict(parse_option(pair) for pair in args.prune_option)
-    args.ppl_text = args.ppl_text or ["lambada,coqa"]  # spelled out in the recorded command
+    args.ppl_text = args.ppl_text or [CROSS_DOMAIN_TEXTS]  # spelled out in the recorded command
     inputs = {"--model": local_path(args.model), "--calib": local_path(args.calib)}
     check_output(Path(args.out_dir), inputs=inputs, existing_ok=True)  # a bench run refreshes its own folder
     if args.markdown:

@@ -36,9 +36,31 @@ def _ppl(value: float | None) -> str:
     return f"{value:.2f}" if _is_finite(value) else "diverged"
 
 
-def _row(name: str, ratio: str, evaluation: dict, texts: list[str], tasks: list[str], cost: list[str]) -> list[str]:
+def in_domain_text(record: dict) -> str | None:
+    """The measured text that is the calibration source's own held-out part: reported, never judged on."""
+    source = record["settings"]["calibration"].get("source")
+    return source if source in record["settings"]["ppl_texts"] else None
+
+
+def cross_domain_texts(record: dict) -> list[str]:
+    """The texts a method is judged on: every measured text but the in-domain one."""
+    return [text for text in record["settings"]["ppl_texts"] if text != in_domain_text(record)]
+
+
+def cross_gm(evaluation: dict, texts: list[str]) -> float | None:
+    """Geometric mean of the perplexities on `texts` (None when one diverged): the cross-domain figure of merit."""
+    values = [evaluation["perplexity"][text]["ppl"] for text in texts]
+    if not values or not all(_is_finite(value) for value in values):
+        return None
+    return math.exp(sum(math.log(value) for value in values) / len(values))
+
+
+def _row(name: str, ratio: str, evaluation: dict, texts: list[str], tasks: list[str], cost: list[str],
+         judged: list[str]) -> list[str]:
     cells = [name, ratio, f"{evaluation['params'] / 1e6:.1f}M"]
     cells += [_ppl(evaluation["perplexity"][text]["ppl"]) for text in texts]
+    if len(judged) > 1:
+        cells.append(_ppl(cross_gm(evaluation, judged)))
     zero = evaluation["zero_shot"]
     if zero:
         cells += [f"{100 * shown_accuracy(zero['tasks'][task])[0]:.1f}" for task in tasks]
@@ -48,15 +70,19 @@ def _row(name: str, ratio: str, evaluation: dict, texts: list[str], tasks: list[
 
 def _table(record: dict) -> list[str]:
     texts, tasks = record["settings"]["ppl_texts"], record["settings"]["tasks"]
-    header = ["criterion", "ratio", "params"] + [f"ppl {text}" for text in texts]
+    own, judged = in_domain_text(record), cross_domain_texts(record)
+    header = ["criterion", "ratio", "params"] + [f"ppl {text}" + (" (in-domain)" if text == own else "")
+                                                 for text in texts]
+    if len(judged) > 1:
+        header.append("cross gm")
     if tasks:
         header += [TASK_TITLES[task] for task in tasks] + ["average"]
     header += ["prune s", "peak MB"]
-    rows = [_row("dense", "0", record["dense"], texts, tasks, ["", ""])]
+    rows = [_row("dense", "0", record["dense"], texts, tasks, ["", ""], judged)]
     for run in record["runs"]:
         ratio = f"{run['ratio']:g} ({run['report']['ratio_achieved']:.3f})"
         cost = [f"{run['prune_seconds']:.0f}", f"{run['memory']['peak_rss_mb']:.0f}"]
-        rows.append(_row(f"`{run['label']}`", ratio, run["eval"], texts, tasks, cost))
+        rows.append(_row(f"`{run['label']}`", ratio, run["eval"], texts, tasks, cost, judged))
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
@@ -75,9 +101,10 @@ def _standard_errors(record: dict) -> str:
 
 
 def _winners(record: dict) -> list[str]:
-    """Per ratio, which entry has the best average accuracy and the best perplexity on the first text."""
+    """Per ratio, which entry has the best average accuracy and the lowest perplexity off the calibration source
+    (the geometric mean over the judged texts when there are several)."""
     lines = []
-    texts = record["settings"]["ppl_texts"]
+    judged = cross_domain_texts(record)
     for ratio in dict.fromkeys(run["ratio"] for run in record["runs"]):
         runs = [run for run in record["runs"] if run["ratio"] == ratio]
         parts = []
@@ -85,12 +112,12 @@ def _winners(record: dict) -> list[str]:
             best = max(runs, key=lambda run: run["eval"]["zero_shot"]["average_acc_norm"])
             parts.append(f"best average accuracy `{best['label']}` "
                          f"({100 * best['eval']['zero_shot']['average_acc_norm']:.1f})")
-        if texts:
-            finite = [run for run in runs if _is_finite(run["eval"]["perplexity"][texts[0]]["ppl"])]
+        if judged:
+            name = "cross-domain geometric-mean" if len(judged) > 1 else judged[0]
+            finite = [run for run in runs if cross_gm(run["eval"], judged) is not None]
             if finite:
-                best = min(finite, key=lambda run: run["eval"]["perplexity"][texts[0]]["ppl"])
-                parts.append(f"lowest {texts[0]} perplexity `{best['label']}` "
-                             f"({best['eval']['perplexity'][texts[0]]['ppl']:.2f})")
+                best = min(finite, key=lambda run: cross_gm(run["eval"], judged))
+                parts.append(f"lowest {name} perplexity `{best['label']}` ({cross_gm(best['eval'], judged):.2f})")
         if parts:
             lines.append(f"- ratio {ratio:g}: " + "; ".join(parts))
     return lines

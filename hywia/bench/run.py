@@ -28,7 +28,7 @@ from ..importance.fusion import spearman
 from ..importance.taylor import taylor_scores
 from ..measure import StageLog, count_params, peak_rss_mb, reset_peak_rss, status_mb
 from ..models import adapter_for
-from ..data.text import calibration_description
+from ..data.text import BUILTIN_TEXTS, calibration_description
 from ..pipeline import Pipeline, PreparedRun
 from ..settings import CalibrationConfig, PruneConfig, RuntimeConfig
 from .plots import plot_agreement, plot_alpha, plot_widths
@@ -44,6 +44,8 @@ DEFAULT_CRITERIA = (
     "wanda-sp@allocation=uniform@compensate=none", "magnitude", "random",
 )
 DEFAULT_LIMIT = 100
+# every built-in text: the calibration source's own held-out part is shown as in-domain, the others are judged
+CROSS_DOMAIN_TEXTS = ",".join(BUILTIN_TEXTS)
 
 # Prune settings an entry may carry: the method's, and how its statistics are taken (entries that differ in the
 # latter four get their own calibration pass). The bench sets the rest itself: one model, one calibration set and
@@ -173,7 +175,7 @@ def run(
         "command": command,
         "settings": {**measure, "ratios": ratios, "criteria": [v.label for v in variants],
                      "calibration": {"text": calibration_description(calibration.calib),
-                                     "samples": calib_samples, "seq_len": seq_len, "seed": seed},
+                                     "source": calibration.calib or "lambada", "samples": calib_samples, "seq_len": seq_len, "seed": seed},
                      "prune_kwargs": common},
         "runs": [],
     }

@@ -141,3 +141,28 @@ def test_bench_outputs_are_checked_before_loading(tmp_path, capsys):
     assert main(base + ["--out-dir", str(tmp_path / "out"), "--markdown", str(model)]) == 2
     assert "is also --model" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "model"]
+
+
+def test_table_marks_the_in_domain_text_and_judges_on_the_others():
+    """The calibration source's own held-out text is shown, marked, and left out of the geometric mean that picks
+    the winner."""
+    from hywia.bench.report import _table, _winners, cross_gm
+
+    def evaluation(ppls):
+        return {"params": 1e6, "zero_shot": None,
+                "perplexity": {text: {"ppl": value} for text, value in ppls.items()}}
+
+    texts = ["lambada", "wiki", "coqa"]
+    record = {"settings": {"ppl_texts": texts, "tasks": [], "calibration": {"source": "lambada"}},
+              "dense": evaluation({"lambada": 10.0, "wiki": 20.0, "coqa": 5.0}),
+              "runs": [{"label": label, "ratio": 0.2, "prune_seconds": 1.0, "memory": {"peak_rss_mb": 1.0},
+                        "report": {"ratio_achieved": 0.2}, "eval": evaluation(ppls)}
+                       for label, ppls in [("fits-calibration", {"lambada": 11.0, "wiki": 80.0, "coqa": 20.0}),
+                                           ("generalises", {"lambada": 30.0, "wiki": 40.0, "coqa": 10.0})]]}
+    header = _table(record)[0]
+    assert "ppl lambada (in-domain)" in header and header.rstrip(" |").endswith("peak MB")
+    assert "cross gm" in header and "ppl wiki (in-domain)" not in header
+    assert cross_gm(record["runs"][1]["eval"], ["wiki", "coqa"]) == pytest.approx(20.0)
+    assert _winners(record) == ["- ratio 0.2: lowest cross-domain geometric-mean perplexity `generalises` (20.00)"]
+    record["runs"][1]["eval"]["perplexity"]["coqa"]["ppl"] = float("nan")  # a diverged run never wins
+    assert "`fits-calibration` (40.00)" in _winners(record)[0]
