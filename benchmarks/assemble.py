@@ -20,6 +20,8 @@ SECTIONS = [
     ("LoRA recovery", "tune.md", None),
     ("Importance-estimation memory and time", "cost.md",
      "python benchmarks/cost.py --calib-samples 64 --scale 4 --repeats 3"),
+    (None, "memory-section.md", None),  # whole-prune memory: benchmarks/memory.py's table with its analysis
+    (None, "llama7b-section.md", None),  # the 7B-shaped prune: benchmarks/llama7b_shape.py's table with its notes
     ("Speed against the MAC ceiling", "speed.md", None),
     ("llama.cpp speed of exported GGUFs", "llamacpp_speed.md", None),
 ]
