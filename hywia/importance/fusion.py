@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ from ..errors import InvalidRequestError
 from .base import Criterion, LayerKind, ScoringContext, normalise, register_criterion
 from .collect import lm_loss
 from .flap import fluctuation_scores
-from .layerwise import HEAD_CHECK_TOKENS, chunked_loss, final_hidden, head_is_last
+from .layerwise import HEAD_CHECK_TOKENS, chunked_loss, final_hidden, forward_replaced, head_is_last
 from .taylor import taylor_scores
 
 FINE_ORDER = 1
@@ -291,18 +291,12 @@ def _recomputed(layers: list[nn.Module]):
     checkpointing): the step's memory is one layer's activations, not all of them, and an offloaded layer's weights
     are not held between its forward and backward. The recomputation repeats the same operations on the same
     inputs, so the gradients are the same."""
-    saved = [layer.__dict__.get("forward") for layer in layers]
-    for layer in layers:
-        layer.forward = lambda *args, _run=layer.forward, **kwargs: checkpoint(_run, *args, use_reentrant=False,
-                                                                             **kwargs)
-    try:
+
+    def recomputing(run: Callable) -> Callable:
+        return lambda *args, **kwargs: checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+    with forward_replaced(layers, wrap=recomputing):
         yield
-    finally:
-        for layer, previous in zip(layers, saved):
-            if previous is None:
-                del layer.forward
-            else:
-                layer.forward = previous
 
 
 @contextmanager

@@ -220,11 +220,13 @@ def _as_output(hidden: torch.Tensor, arity: int):
 
 
 @contextmanager
-def forward_replaced(modules: list[nn.Module], forward: Callable) -> Iterator[None]:
-    """Temporarily route calls of `modules` to `forward` (accelerate's wrapper, if any, is restored after)."""
+def forward_replaced(modules: list[nn.Module], forward: Callable | None = None, *,
+                     wrap: Callable[[Callable], Callable] | None = None) -> Iterator[None]:
+    """Temporarily route calls of `modules` to `forward`, or to `wrap` of each module's own forward (accelerate's
+    wrapper, if any, is restored after)."""
     saved = [module.__dict__.get("forward") for module in modules]
     for module in modules:
-        module.forward = forward
+        module.forward = forward if wrap is None else wrap(module.forward)
     try:
         yield
     finally:
