@@ -270,17 +270,26 @@ class HywiaFusion(Criterion):
                 _recomputed(ctx.adapter.layers()):
             for step in tqdm(range(steps), desc="fusion", disable=not ctx.progress, leave=False):
                 t = t_start * (t_end / t_start) ** (step / max(steps - 1, 1))
+                soft = gates_at(t)
+                # The model runs one window at a time on leaf copies of the gates, whose gradients add up over
+                # the batch; one backward through the blend then follows. Same gradients as the whole batch at
+                # once, with one window's activations (and allocator fragmentation) at a time.
                 gates.clear()
-                gates.update({k: g.to(device, dtype) for k, g in gates_at(t).items()})
+                gates.update({k: g.detach().to(device, torch.float32).requires_grad_() for k, g in soft.items()})
                 pick = torch.randint(ctx.batches.shape[0], (batch_size,), generator=generator)
-                ids = ctx.batches[pick].to(device)
                 optimizer.zero_grad()
-                if chunked:  # the vocabulary-wide logits of the batch never exist at once
-                    losses.append(chunked_loss(head, final_hidden(ctx.model, ids), ids))
-                else:
-                    loss = lm_loss(ctx.model, ids)
-                    loss.backward()
-                    losses.append(loss.item())
+                loss = 0.0
+                for index in pick.tolist():
+                    ids = ctx.batches[index:index + 1].to(device)
+                    if chunked:  # the vocabulary-wide logits of the window never exist at once
+                        loss += chunked_loss(head, final_hidden(ctx.model, ids), ids, share=1 / batch_size)
+                    else:
+                        window_loss = lm_loss(ctx.model, ids) / batch_size
+                        window_loss.backward()
+                        loss += window_loss.item()
+                losses.append(loss)
+                reached = [k for k, g in gates.items() if g.grad is not None]
+                torch.autograd.backward([soft[k] for k in reached], [gates[k].grad.to(soft[k]) for k in reached])
                 optimizer.step()
         return losses
 
@@ -336,7 +345,7 @@ def _gated(ctx: ScoringContext, specs: dict, gates: dict[LayerKind, torch.Tensor
             gate = gates.get(key)
             if gate is None:
                 return None
-            gate = gate.repeat_interleave(block)
+            gate = gate.to(args[0].dtype).repeat_interleave(block)
             gated = args[0] * gate
             if means is not None:
                 gated = gated + (1 - gate) * means[key].to(gated.device, gated.dtype)

@@ -128,16 +128,17 @@ def _top(
     stats.loss = total_loss / max(stats.samples, 1)
 
 
-def chunked_loss(head: nn.Module, final: torch.Tensor, ids: torch.Tensor) -> float:
+def chunked_loss(head: nn.Module, final: torch.Tensor, ids: torch.Tensor, share: float = 1.0) -> float:
     """`lm_loss` of windows `ids` [batch, tokens] and its backward from their final hidden states, the head applied
-    to a few tokens at a time (so the vocabulary-wide logits never exist at once); returns the loss."""
+    to a few tokens at a time (so the vocabulary-wide logits never exist at once); returns the loss. `share` scales
+    loss and gradients: the part of a larger batch's mean that these windows are."""
     leaf = final.detach().requires_grad_()
     inputs, targets = leaf[:, :-1].reshape(-1, leaf.shape[-1]), ids[:, 1:].reshape(-1)
     chunk = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
     total = 0.0
     for start in range(0, targets.numel(), chunk):
         logits = head(inputs[start:start + chunk]).float()
-        part = F.cross_entropy(logits, targets[start:start + chunk], reduction="sum") / targets.numel()
+        part = F.cross_entropy(logits, targets[start:start + chunk], reduction="sum") * (share / targets.numel())
         part.backward()
         total += part.item()
     final.backward(leaf.grad)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..io.mapped import released_when_replaced
 from ..models import adapter_for, mark_pruned
 from ..offload import editable
 from .plan import PruningPlan
@@ -15,7 +16,9 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
     adapter = adapter_for(model, plan.attention)
     layers = adapter.layers()
     for index, keep in plan.layers.items():
-        with editable(layers[index]):  # an offloaded layer is loaded, cut, and offloaded again at its new size
+        # An offloaded layer is loaded, cut, and offloaded again at its new size; a memory-mapped one hands back
+        # the pages of the tensors it replaced.
+        with editable(layers[index]), released_when_replaced(layers[index]):
             adapter.shrink(layers[index], {kind: torch.tensor(kept, dtype=torch.long) for kind, kept in keep.items()})
     mark_pruned(model)
     return model
