@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -86,8 +87,9 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def run_prune(folder: Path, out: Path, args: argparse.Namespace) -> tuple[dict, float]:
-    """The default prune as a user runs it (its own process); returns its report and wall seconds."""
+def run_prune(folder: Path, out: Path, args: argparse.Namespace) -> tuple[dict, float, float]:
+    """The default prune as a user runs it (its own process); returns its report, wall seconds and the whole
+    command's peak RSS in MB (saving included, which no stage of the report covers)."""
     command = [sys.executable, "-m", "hywia.cli", "prune", "--model", str(folder), "--out", str(out), "--force",
                "--ratio", str(args.ratio), "--dtype", "bfloat16", "--device", "cpu",
                "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len),
@@ -101,7 +103,8 @@ def run_prune(folder: Path, out: Path, args: argparse.Namespace) -> tuple[dict, 
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     started = time.perf_counter()
     subprocess.run(command, check=True, env=env)
-    return json.loads((out / "report.json").read_text()), time.perf_counter() - started
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the only child that loads a model
+    return json.loads((out / "report.json").read_text()), time.perf_counter() - started, peak_mb
 
 
 def table(record: dict) -> str:
@@ -110,7 +113,7 @@ def table(record: dict) -> str:
         f"LLaMA-7B shape ({record['params_before'] / 1e9:.2f}B parameters, random bf16 weights, "
         f"{record['weights_gb']:.1f} GB), default `hywia prune --ratio {record['ratio']}` on {record['machine']}; "
         f"`{record['command_settings']}`. Whole command: {record['wall_seconds'] / 60:.1f} min, "
-        f"peak RSS {report['peak_rss_mb'] / 1024:.1f} GB; parameters {report['params_before'] / 1e9:.2f}B -> "
+        f"peak RSS {record['command_peak_rss_mb'] / 1024:.1f} GB (load to save); parameters {report['params_before'] / 1e9:.2f}B -> "
         f"{report['params_after'] / 1e9:.2f}B.",
         "",
         "| stage | seconds | peak RSS (GB) |",
@@ -144,7 +147,7 @@ def main() -> int:
             started = time.perf_counter()
             build(args.folder)
             print(f"built {args.folder} in {time.perf_counter() - started:.0f} s", flush=True)
-        report, wall = run_prune(args.folder, args.out, args)
+        report, wall, command_peak = run_prune(args.folder, args.out, args)
     finally:
         if not args.keep:
             shutil.rmtree(args.out, ignore_errors=True)
@@ -154,6 +157,7 @@ def main() -> int:
                 + (f" --offload {args.offload}" if args.offload else "")
                 + (f" --compensate {args.compensate}" if args.compensate else ""))
     record = {"ratio": args.ratio, "command_settings": settings, "wall_seconds": round(wall, 1),
+              "command_peak_rss_mb": round(command_peak, 1),
               "params_before": report["params_before"], "weights_gb": report["params_before"] * 2 / 1e9,
               "machine": f"{os.cpu_count()} CPU cores, "
                          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM",
