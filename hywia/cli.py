@@ -151,7 +151,7 @@ def _add_bench_parser(commands) -> None:
     p.add_argument("--prune-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra hywia.prune argument for every run (repeatable), e.g. allocation=global")
     p.add_argument("--calib", default=None,
-                   help="built-in source (lambada, wiki) or a UTF-8 .txt, .jsonl (field 'text') or .json file [lambada]")
+                   help="built-in source (lambada, wiki, mix) or a UTF-8 .txt, .jsonl (field 'text') or .json file [lambada]")
     p.add_argument("--calib-samples", type=int, default=64)
     _add_measure_flags(p, CROSS_DOMAIN_TEXTS, DEFAULT_LIMIT)
     p.add_argument("--out-dir", default="bench", help="folder for bench.json, bench.md and the PNG plots")

@@ -136,7 +136,7 @@ class PruneConfig:
 class CalibrationConfig:
     """The calibration windows every stage reads (statistics, the fusion, compensation)."""
 
-    calib: str | None = _setting(None, "built-in source (lambada, wiki) or a UTF-8 .txt, .jsonl (field 'text') "
+    calib: str | None = _setting(None, "built-in source (lambada, wiki, mix) or a UTF-8 .txt, .jsonl (field 'text') "
                                           "or .json file; default: LAMBADA passages")
     calib_samples: int = _setting(64, "calibration windows")
     seq_len: int = _setting(128, "tokens per window (calibration and perplexity)")

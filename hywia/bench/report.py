@@ -10,6 +10,7 @@ import math
 import os
 from pathlib import Path
 
+from ..data.text import IN_DOMAIN_TEXTS
 from ..io import write_text_atomic
 
 BEGIN, END = "<!-- hywia-bench:quality:begin -->", "<!-- hywia-bench:quality:end -->"
@@ -36,15 +37,16 @@ def _ppl(value: float | None) -> str:
     return f"{value:.2f}" if _is_finite(value) else "diverged"
 
 
-def in_domain_text(record: dict) -> str | None:
-    """The measured text that is the calibration source's own held-out part: reported, never judged on."""
+def in_domain_texts(record: dict) -> list[str]:
+    """The measured texts that are the calibration source's own held-out parts: reported, never judged on."""
     source = record["settings"]["calibration"].get("source")
-    return source if source in record["settings"]["ppl_texts"] else None
+    own = IN_DOMAIN_TEXTS.get(source, (source,))
+    return [text for text in record["settings"]["ppl_texts"] if text in own]
 
 
 def cross_domain_texts(record: dict) -> list[str]:
-    """The texts a method is judged on: every measured text but the in-domain one."""
-    return [text for text in record["settings"]["ppl_texts"] if text != in_domain_text(record)]
+    """The texts a method is judged on: every measured text but the in-domain ones."""
+    return [text for text in record["settings"]["ppl_texts"] if text not in in_domain_texts(record)]
 
 
 def cross_gm(evaluation: dict, texts: list[str]) -> float | None:
@@ -70,8 +72,8 @@ def _row(name: str, ratio: str, evaluation: dict, texts: list[str], tasks: list[
 
 def _table(record: dict) -> list[str]:
     texts, tasks = record["settings"]["ppl_texts"], record["settings"]["tasks"]
-    own, judged = in_domain_text(record), cross_domain_texts(record)
-    header = ["criterion", "ratio", "params"] + [f"ppl {text}" + (" (in-domain)" if text == own else "")
+    own, judged = in_domain_texts(record), cross_domain_texts(record)
+    header = ["criterion", "ratio", "params"] + [f"ppl {text}" + (" (in-domain)" if text in own else "")
                                                  for text in texts]
     if len(judged) > 1:
         header.append("cross gm")

@@ -1,8 +1,9 @@
 """Text for calibration and perplexity: the embedded passages, a user's file, and fixed token windows.
 
-Two built-in calibration sources, each split once, independent of any seed, so "after" numbers are never measured
+Two built-in calibration genres, each split once, independent of any seed, so "after" numbers are never measured
 on text the pruner saw: LAMBADA passages (fiction; the last `HELDOUT_PASSAGES` are only ever used for held-out
-perplexity) and Wikipedia paragraphs from BoolQ's validation passages (the last `WIKI_HELDOUT_PASSAGES` likewise).
+perplexity) and Wikipedia paragraphs from BoolQ's validation passages (the last `WIKI_HELDOUT_PASSAGES` likewise);
+the `mix` source draws from both calibration parts.
 Held-out texts of other genres, for judging a pruned model on text unlike its calibration set: CoQA stories,
 SciQ's science explanations, ShareGPT dialogue and Python's reference documentation (`BUILTIN_TEXTS`).
 """
@@ -96,11 +97,21 @@ def calibration_passages() -> list[str]:
     return lambada_passages()[:-HELDOUT_PASSAGES]
 
 
+def wiki_calibration_passages() -> list[str]:
+    """The calibration part of BoolQ's Wikipedia paragraphs."""
+    return boolq_passages()[:-WIKI_HELDOUT_PASSAGES]
+
+
 CALIBRATION_SOURCES = {
     "lambada": ("LAMBADA-openai test passages (fiction), calibration part", calibration_passages),
-    "wiki": ("BoolQ validation passages (Wikipedia), calibration part",
-             lambda: boolq_passages()[:-WIKI_HELDOUT_PASSAGES]),
+    "wiki": ("BoolQ validation passages (Wikipedia), calibration part", wiki_calibration_passages),
+    # Windows are drawn from the passages in a seeded order, so each genre gives windows in proportion to its
+    # passages' tokens (about half each).
+    "mix": ("LAMBADA (fiction) and BoolQ (Wikipedia) calibration parts, shuffled together",
+            lambda: calibration_passages() + wiki_calibration_passages()),
 }
+# The held-out built-in texts that share a calibration source's genre (its own held-out parts): in-domain for it.
+IN_DOMAIN_TEXTS = {"lambada": ("lambada",), "wiki": ("wiki",), "mix": ("lambada", "wiki")}
 
 BUILTIN_TEXTS = {
     "lambada": ("LAMBADA-openai test passages (fiction), held-out part", lambda: lambada_passages()[-HELDOUT_PASSAGES:]),

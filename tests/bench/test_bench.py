@@ -166,3 +166,6 @@ def test_table_marks_the_in_domain_text_and_judges_on_the_others():
     assert _winners(record) == ["- ratio 0.2: lowest cross-domain geometric-mean perplexity `generalises` (20.00)"]
     record["runs"][1]["eval"]["perplexity"]["coqa"]["ppl"] = float("nan")  # a diverged run never wins
     assert "`fits-calibration` (40.00)" in _winners(record)[0]
+    record["settings"]["calibration"]["source"] = "mix"  # both genres of the mix are in-domain
+    header = _table(record)[0]
+    assert "ppl lambada (in-domain)" in header and "ppl wiki (in-domain)" in header and "cross gm" not in header

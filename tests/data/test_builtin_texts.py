@@ -1,3 +1,5 @@
+import random
+
 import pytest
 
 from hywia.data.text import (BUILTIN_TEXTS, CALIBRATION_SOURCES, DIALOGUE_CONVERSATIONS, HELDOUT_PASSAGES,
@@ -25,6 +27,20 @@ def test_no_held_out_text_shares_a_passage_with_a_calibration_source():
     calibration = {p for source in CALIBRATION_SOURCES for p in calibration_source(source)[1]}
     for name in BUILTIN_TEXTS:
         assert not calibration & set(heldout_passages(name)[1]), name
+
+
+def test_mix_draws_windows_from_both_genres(tiny_tokenizer):
+    """The mix source is both calibration parts; its windows come from each in about equal shares."""
+    from hywia.data.text import calibration_windows
+
+    _, mixed = calibration_source("mix")
+    assert mixed == calibration_source("lambada")[1] + calibration_source("wiki")[1]
+    wiki = set(calibration_source("wiki")[1])
+    order = list(range(len(mixed)))
+    random.Random(0).shuffle(order)
+    first = [mixed[i] in wiki for i in order[:200]]
+    assert 0.3 < sum(first) / len(first) < 0.7
+    assert calibration_windows(tiny_tokenizer, mixed, 4, 32, seed=0).shape == (4, 32)
 
 
 def test_dialogue_is_mostly_latin_conversations_with_both_roles():
