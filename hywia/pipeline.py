@@ -21,7 +21,7 @@ from .data.text import calibration_description, calibration_source, calibration_
 from .errors import InvalidRequestError
 from .importance import Criterion, ScoringContext, Statistics, collect_statistics, get_criterion
 from .measure import StageLog, count_params
-from .models import Adapter, LayerKind, adapter_for
+from .models import ATTENTION_MODES, Adapter, LayerKind, adapter_for
 from .pruning import (PruningPlan, allocate_global, allocate_uniform, apply_plan, check_plan_request, parse_layers,
                       select)
 from .pruning.compensate import compensate
@@ -62,8 +62,8 @@ def check_method(config: PruneConfig) -> tuple[Criterion, tuple, tuple]:
         raise InvalidRequestError(f"--ratio must lie strictly between 0 and 1, got {config.ratio}")
     if config.round_to < 1:
         raise InvalidRequestError(f"--round-to must be >= 1, got {config.round_to}")
-    if config.attention not in ("heads", "kv"):
-        raise InvalidRequestError(f"--attention must be heads or kv, got {config.attention!r}")
+    if config.attention not in ATTENTION_MODES:
+        raise InvalidRequestError(f"--attention must be one of {', '.join(ATTENTION_MODES)}, got {config.attention!r}")
     return get_criterion(config.criterion), parse_allocation(config.allocation), parse_compensation(config.compensate)
 
 

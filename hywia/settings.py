@@ -126,8 +126,8 @@ class PruneConfig:
                                          "all pruned layers ranked together, each layer keeping at least FLOOR")
     compensate: str = _setting("lstsq", "bias: fold the removed groups' mean output into a bias (FLAP); lstsq: "
                                         "refit the kept columns by least squares, ridge RIDGE x the mean diagonal")
-    attention: str = _setting("heads", "remove query heads evenly per KV group, or whole KV groups",
-                              choices=("heads", "kv"))
+    attention: str = _setting("heads", "remove query heads evenly per KV group, whole KV groups, or no attention "
+                                       "(MLP channels only)", choices=("heads", "kv", "none"))
     layers: str | None = _setting(None, "layers to prune as A:B (default: all but the first ~10%% and the last 2)")
     round_to: int = _setting(1, "round kept MLP widths (and heads where possible) to N")
 

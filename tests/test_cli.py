@@ -142,3 +142,15 @@ def test_cli_refuses_bad_settings_in_one_line(tmp_path, capsys, flags, message):
 def test_cli_needs_a_ratio_unless_the_recipe_has_one(tmp_path, capsys):
     assert main(["prune", "--out", str(tmp_path / "o")]) == 2
     assert "--ratio is required" in capsys.readouterr().err
+
+
+def test_attention_none_prunes_mlp_channels_only_with_the_default_criterion(tiny_folder, calib_text, tmp_path):
+    argv = ["prune", "--model", str(tiny_folder), "--ratio", "0.2", "--attention", "none", "--criterion",
+            "hywia:steps=2", "--calib", str(calib_text), "--calib-samples", "4", "--seq-len", "32", "--layers", "0:4",
+            "--ppl-text", "none", "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    dense = json.loads((tiny_folder / "config.json").read_text())
+    assert all(w["num_attention_heads"] == dense["num_attention_heads"] for w in report["layers"])
+    assert abs(report["ratio_achieved"] - 0.2) <= 0.01
+    assert json.loads((tmp_path / "o" / "plan.json").read_text())["attention"] == "none"

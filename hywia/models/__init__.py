@@ -9,6 +9,7 @@ import importlib
 import pkgutil
 
 from .base import (
+    ATTENTION_MODES,
     Adapter,
     GGUFMapping,
     GroupSpec,
@@ -24,6 +25,7 @@ for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
+    "ATTENTION_MODES",
     "Adapter",
     "GGUFMapping",
     "GroupSpec",

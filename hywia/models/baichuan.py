@@ -47,7 +47,7 @@ class BaichuanAdapter(Adapter):
     def _heads(self, layer: nn.Module) -> int:
         return layer.self_attn.o_proj.in_features // layer.self_attn.head_dim
 
-    def group_specs(self, layer: nn.Module) -> list[GroupSpec]:
+    def all_group_specs(self, layer: nn.Module) -> list[GroupSpec]:
         n, d = self._heads(layer), layer.self_attn.head_dim
         w_pack = tuple(TensorSlice("self_attn.W_pack.weight", 0, d, offset=part * n * d) for part in range(3))
         head_spec = GroupSpec(

@@ -75,6 +75,11 @@ class GGUFMapping:
     refusal: str | None = None
 
 
+# How attention is pruned: query heads evenly within every KV group, whole KV groups, or not at all (MLP channels
+# only, as LLM-Pruner's GQA path allows on models with few KV groups).
+ATTENTION_MODES = ("heads", "kv", "none")
+
+
 class Adapter(ABC):
     """Knows one family: its decoder layers, group kinds, widths, how to shrink a layer, and how the other steps
     address it (LoRA targets, modeling code for loading without hywia, GGUF mapping).
@@ -90,8 +95,8 @@ class Adapter(ABC):
     remote_module: ClassVar[str] = ""
 
     def __init__(self, model: nn.Module, attention: str = "heads") -> None:
-        if attention not in ("heads", "kv"):
-            raise ValueError(f"attention must be 'heads' or 'kv', got {attention!r}")
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
         self.model = model
         self.attention = attention
 
@@ -104,8 +109,14 @@ class Adapter(ABC):
         """The qualified module name of decoder layer `index` (prefix of its parameter names)."""
 
     @abstractmethod
+    def all_group_specs(self, layer: nn.Module) -> list[GroupSpec]:
+        """Every group kind of a layer in its current (possibly pruned) shape; the attention's as `attention` says
+        (query heads within KV groups, or whole KV groups)."""
+
     def group_specs(self, layer: nn.Module) -> list[GroupSpec]:
-        """The prunable group kinds of a layer in its current (possibly pruned) shape."""
+        """The group kinds pruning may remove: all of them, or the MLP channels alone with attention `none`."""
+        specs = self.all_group_specs(layer)
+        return [s for s in specs if s.kind == "mlp"] if self.attention == "none" else specs
 
     @abstractmethod
     def widths(self, layer: nn.Module) -> dict[str, int]:

@@ -41,7 +41,7 @@ class BloomAdapter(Adapter):
         attn = layer.self_attention
         return attn.dense.in_features // attn.head_dim
 
-    def group_specs(self, layer: nn.Module) -> list[GroupSpec]:
+    def all_group_specs(self, layer: nn.Module) -> list[GroupSpec]:
         d = layer.self_attention.head_dim
         head_spec = GroupSpec(
             kind="kv",

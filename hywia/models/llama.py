@@ -46,7 +46,7 @@ class LlamaAdapter(Adapter):
         attn, d = layer.self_attn, self.head_dim(layer)
         return attn.q_proj.out_features // d, attn.k_proj.out_features // d
 
-    def group_specs(self, layer: nn.Module) -> list[GroupSpec]:
+    def all_group_specs(self, layer: nn.Module) -> list[GroupSpec]:
         attn, mlp = layer.self_attn, layer.mlp
         d = self.head_dim(layer)
         n_heads, n_kv = self._heads(layer)

@@ -39,7 +39,7 @@ class Phi3Adapter(Adapter):
         attn = layer.self_attn
         return attn.o_proj.in_features // attn.head_dim, attn.num_key_value_heads
 
-    def group_specs(self, layer: nn.Module) -> list[GroupSpec]:
+    def all_group_specs(self, layer: nn.Module) -> list[GroupSpec]:
         d = layer.self_attn.head_dim
         n_heads, n_kv = self._heads(layer)
         per_group = n_heads // n_kv

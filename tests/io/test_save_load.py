@@ -22,7 +22,7 @@ def _pruned(model, ratio=0.4, attention="heads"):
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
-@pytest.mark.parametrize("attention", ["heads", "kv"])
+@pytest.mark.parametrize("attention", ["heads", "kv", "none"])
 def test_saved_pruned_model_reloads_to_identical_logits(tiny_model_factory, tiny_tokenizer, tmp_path, family,
                                                         attention):
     model = _pruned(tiny_model_factory(family, heads=4, kv_heads=2), attention=attention)

@@ -87,7 +87,7 @@ def test_prune_reaches_the_ratio_within_a_point(case, pruned):
     assert config["model_type"].startswith("hywia_") and len(config["hywia_layers"]) == 4
 
 
-@pytest.mark.parametrize("attention", ["heads", "kv"])
+@pytest.mark.parametrize("attention", ["heads", "kv", "none"])
 @pytest.mark.parametrize("case", CASES)
 def test_zero_mask_equals_physical_removal(case, attention):
     model = tiny_family_model(case)

@@ -35,7 +35,7 @@ def _logits(model, ids):
 
 
 @pytest.mark.parametrize("family,shape", FAMILIES)
-@pytest.mark.parametrize("attention", ["heads", "kv"])
+@pytest.mark.parametrize("attention", ["heads", "kv", "none"])
 def test_physical_removal_equals_zeroing(tiny_model_factory, family, shape, attention):
     model = tiny_model_factory(family, **shape)
     ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(1))

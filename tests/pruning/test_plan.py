@@ -31,6 +31,25 @@ def test_achieved_ratio_matches_request(tiny_model_factory, ratio, attention):
     assert abs(achieved - ratio) < 0.01
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+@pytest.mark.parametrize("ratio", [0.1, 0.3])
+def test_attention_none_removes_mlp_channels_only(tiny_model_factory, ratio, allocation):
+    from hywia.pruning import allocate_global
+
+    model = tiny_model_factory("llama", heads=8, kv_heads=2, layers=6)
+    adapter = adapter_for(model, "none")
+    layers = parse_layers("1:5", 6)
+    assert [s.kind for s in adapter.group_specs(adapter.layers()[1])] == ["mlp"]
+    scores = {(i, "mlp"): torch.rand(adapter.group_specs(adapter.layers()[i])[0].count) for i in layers}
+    keep = (allocate_uniform(adapter, layers, ratio) if allocation == "uniform"
+            else allocate_global(adapter, layers, ratio, scores))
+    attention_before = [sum(p.numel() for p in layer.self_attn.parameters()) for layer in adapter.layers()]
+    before = adapter.num_decoder_params()
+    apply_plan(model, select(adapter, scores, keep))
+    assert [sum(p.numel() for p in layer.self_attn.parameters()) for layer in adapter.layers()] == attention_before
+    assert abs(1 - adapter_for(model, "none").num_decoder_params() / before - ratio) < 0.01
+
+
 def test_ratio_that_empties_layers_is_refused(tiny_model_factory):
     adapter = adapter_for(tiny_model_factory("llama", layers=6))
     with pytest.raises(InvalidRequestError, match="empty"):
