@@ -121,7 +121,9 @@ def _add_measure_flags(p: argparse.ArgumentParser, texts: str, limit: int | None
     p.add_argument("--ppl-tokens", type=int, default=16384, help="tokens of each text for perplexity")
     p.add_argument("--seq-len", type=int, default=128, help="window length (non-overlapping windows)")
     p.add_argument("--tasks", default="all",
-                   help="comma list of boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa | all | none")
+                   help="comma list of tasks (boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,"
+                        "lambada) and sets: paper = the first seven, separating = piqa,hellaswag,arc_easy,lambada, "
+                        "all = both | none")
     p.add_argument("--limit", type=_limit, default=limit,
                    help=f"items per task: a fixed subset chosen by --seed, or 'none' for the full splits "
                         f"(default: {limit or 'none'})")

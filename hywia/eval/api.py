@@ -32,18 +32,18 @@ def parse_list(values: str | Sequence[str] | None) -> list[str]:
 
 
 def parse_tasks(spec: str | Sequence[str] | None) -> list[str]:
-    """Task names from `all`, `none` or a comma list, checked against the seven known tasks."""
-    from .zeroshot import TASKS  # lm-eval's stack loads only when tasks are asked for
+    """Task names from a comma list of tasks and task sets (`all`, `paper`, `separating`), or `none`: each task
+    once, in the order given."""
+    from .zeroshot import TASK_SETS, TASKS  # lm-eval's stack loads only when tasks are asked for
 
     names = parse_list(spec)
-    if names == ["all"]:
-        return list(TASKS)
     if names in ([], ["none"]):
         return []
-    unknown = [name for name in names if name not in TASKS]
+    unknown = [name for name in names if name not in TASKS and name not in TASK_SETS]
     if unknown:
-        raise InvalidRequestError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}, all, none")
-    return names
+        raise InvalidRequestError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}, "
+                                  f"{', '.join(TASK_SETS)}, none")
+    return list(dict.fromkeys(task for name in names for task in TASK_SETS.get(name, (name,))))
 
 
 def parse_texts(spec: str | Sequence[str] | None) -> list[str]:
@@ -159,6 +159,11 @@ def format_table(result: dict) -> str:
         for task, row in zero["tasks"].items():
             norm = "" if row["acc_norm"] is None else f"  acc_norm {row['acc_norm']:.4f}"
             rows.append((task, f"acc {row['acc']:.4f}{norm}", f"n={row['n']} {row['split']} v{row['version']}"))
+            if "perplexity" in row:
+                rows.append((f"{task} perplexity", f"{row['perplexity']:.2f}", "of the last word"))
+        for name, average in zero.get("averages", {}).items():
+            rows.append((f"average {name}", f"acc {average['acc']:.4f}  acc_norm {average['acc_norm']:.4f}",
+                         ",".join(average["tasks"])))
         rows.append(("average", f"acc {zero['average_acc']:.4f}  acc_norm {zero['average_acc_norm']:.4f}",
                      f"lm-eval {zero['lm_eval_version']}, subset seed {zero['seed']}"))
     rows.append(("seconds", f"{result['seconds']:.1f}", ""))

