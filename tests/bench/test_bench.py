@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,6 +64,7 @@ def test_bench_writes_table_json_and_plots(tiny_model_factory, tiny_tokenizer, t
     table = (out / "bench.md").read_text()
     assert "| dense | 0 |" in table and "`taylor-element1@layers=1:3`" in table and "](widths.png)" in table
     assert "tiny random llama" in table and "`hywia bench x`" in table and "PIQA 2 (validation" in table
+    assert "| `hywia` − best other `taylor-element1@layers=1:3` | 0.2 |" in table and "PIQA (n=2)" in table
     text = markdown.read_text()
     assert text.startswith("# Benchmarks\n\nHand-written intro.") and "](out/agreement.png)" in text
     assert text.count(BEGIN) == 1 and text.count(END) == 1
@@ -169,3 +172,60 @@ def test_table_marks_the_in_domain_text_and_judges_on_the_others():
     record["settings"]["calibration"]["source"] = "mix"  # both genres of the mix are in-domain
     header = _table(record)[0]
     assert "ppl lambada (in-domain)" in header and "ppl wiki (in-domain)" in header and "cross gm" not in header
+
+
+def _zero_shot(correct: dict[str, list[int]]) -> dict:
+    """A zero-shot record of tasks with the given per-item correctness (acc_norm for PIQA, acc for LAMBADA)."""
+    tasks = {}
+    for task, items in correct.items():
+        mean = sum(items) / len(items)
+        norm = task != "lambada"
+        tasks[task] = {"acc": mean, "acc_stderr": 0.1, "acc_norm": mean if norm else None,
+                       "acc_norm_stderr": 0.1 if norm else None, "n": len(items), "split": "test", "version": 1,
+                       "source": "s", "items": {"idx": list(range(len(items))), "acc": items,
+                                                **({"acc_norm": items} if norm else {})}}
+    average = sum(sum(items) / len(items) for items in correct.values()) / len(correct)
+    return {"lm_eval_version": "x", "tasks": tasks, "average_acc": average, "average_acc_norm": average,
+            "average_tasks": list(correct), "averages": {}}
+
+
+def test_report_pairs_each_run_with_dense_and_the_default_with_the_best_other():
+    from hywia.bench.report import render_markdown
+
+    n = 40
+    dense = {"piqa": [1] * 30 + [0] * 10, "lambada": [1] * 20 + [0] * 20}
+    runs = {  # hywia loses 2 PIQA items and 10 LAMBADA items; "strong" loses 1 and 2; "weak" loses 20 and 20
+        "hywia": {"piqa": [1] * 28 + [0] * 12, "lambada": [1] * 10 + [0] * 30},
+        "strong": {"piqa": [1] * 29 + [0] * 11, "lambada": [1] * 18 + [0] * 22},
+        "weak": {"piqa": [1] * 10 + [0] * 30, "lambada": [0] * n},
+    }
+    evaluation = lambda correct: {"params": 1e6, "perplexity": {}, "zero_shot": _zero_shot(correct)}  # noqa: E731
+    record = {"model": "m", "machine": {"cpu": "c", "cores": 1, "torch_threads": 1, "torch": "t",
+                                       "transformers": "t", "lm_eval": "l", "hywia": "h"},
+              "settings": {"ppl_texts": [], "tasks": ["piqa", "lambada"], "limit": n, "seed": 0,
+                           "calibration": {"text": "t", "source": "lambada", "samples": 1, "seq_len": 8, "seed": 0},
+                           "prune_kwargs": {}},
+              "dense": evaluation(dense),
+              "runs": [{"label": label, "ratio": 0.5, "prune_seconds": 1.0, "memory": {"peak_rss_mb": 1.0},
+                        "report": {"ratio_achieved": 0.5}, "eval": evaluation(correct)}
+                       for label, correct in runs.items()]}
+
+    text = render_markdown(record, Path("."))
+
+    assert "| comparison | ratio | PIQA (n=40) | LAMBADA (n=40) | average (2 tasks) |" in text
+    # hywia - dense on LAMBADA: 10 of 40 items lost, per-item differences -1 (10x) and 0 (30x)
+    lost = [-1] * 10 + [0] * 30
+    stderr = math.sqrt(sum((d + 0.25) ** 2 for d in lost) / 39 / 40)
+    assert f"| `hywia` − dense | 0.5 | -5.0 ± 3.5 | **-25.0 ± {100 * stderr:.1f}** |" in text
+    assert "| `weak` − dense | 0.5 | **-50.0 ± 8.0** | **-50.0 ± 8.0** | **-50.0 ± 5.7** |" in text
+    # the best other run by average is "strong": hywia loses 1 more PIQA item and 8 more LAMBADA items than it
+    assert "| `hywia` − best other `strong` | 0.5 | -2.5 ± 2.5 | **-20.0 ± 6.4** | **-11.2 ± 3.4** |" in text
+    assert text.count("− dense |") == 3 and text.count("− best other") == 1
+    assert "is resolvable; smaller ones are noise." in text
+
+    for row in [record["dense"], *(run["eval"] for run in record["runs"])]:  # a bench from before per-item results
+        for task in row["zero_shot"]["tasks"].values():
+            task.pop("items")
+    old = render_markdown(record, Path("."))
+    assert "Paired accuracy differences" not in old and "| `strong` | 0.5 (0.500) |" in old
+    assert "smaller differences are noise." in old

@@ -8,8 +8,8 @@ import math
 import pytest
 
 from hywia.data.text import BUILTIN_TEXTS, calibration_passages
-from hywia.eval.zeroshot import (PAPER_TASKS, SEPARATING_TASKS, TASKS, paired_average, paired_difference,
-                                 prepare_data, zero_shot)
+from hywia.eval.paired import paired_average, paired_difference
+from hywia.eval.zeroshot import PAPER_TASKS, SEPARATING_TASKS, TASKS, prepare_data, zero_shot
 
 # Sizes of the splits we evaluate (validation for the first four, the standard test sets for ARC and OBQA, the
 # held-out LAMBADA passages).
