@@ -2,8 +2,8 @@
 # Regenerates every number, table and plot of the quality section of BENCHMARKS.md:
 # hywia's defaults against the peers at their own settings (LLM-Pruner's Taylor criteria and Wanda-sp: uniform,
 # no compensation; FLAP: global allocation with bias compensation), x 2 ratios on the embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised), the same 64 calibration
-# windows for every run, perplexity on 16k held-out tokens of LAMBADA and of CoQA, and the seven zero-shot tasks on
-# fixed seed-0 subsets of 100 items each. An estimated 4 hours on a 2-core CPU (one thread), from four criteria at 50 items and
+# windows for every run, perplexity on 16k held-out tokens of LAMBADA and of CoQA, and the seven zero-shot tasks plus
+# LAMBADA last-word accuracy (--tasks all) on fixed seed-0 subsets of 100 items each. An estimated 4 hours on a 2-core CPU (one thread), from four criteria at 50 items and
 # 4096 tokens taking about 45 minutes.
 #
 #   benchmarks/run_quality.sh                          # writes benchmarks/quality/ and benchmarks/results/quality.md
