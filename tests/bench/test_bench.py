@@ -229,3 +229,27 @@ def test_report_pairs_each_run_with_dense_and_the_default_with_the_best_other():
     old = render_markdown(record, Path("."))
     assert "Paired accuracy differences" not in old and "| `strong` | 0.5 (0.500) |" in old
     assert "smaller differences are noise." in old
+
+
+def test_report_ranks_by_the_separating_average_and_shows_it_beside_the_headline():
+    from hywia.bench.report import _paired_table, _table, _winners
+
+    def evaluation(correct: dict[str, list[int]], separating: float) -> dict:
+        zero = _zero_shot(correct)
+        zero["average_tasks"] = ["piqa"]  # stands in for the paper's seven: LAMBADA is not in the headline
+        zero["averages"] = {"separating": {"tasks": ["piqa", "lambada"], "acc": separating, "acc_norm": separating}}
+        return {"params": 1e6, "perplexity": {}, "zero_shot": zero}
+
+    same = {"piqa": [1, 0, 1, 0], "lambada": [1, 1, 0, 0]}
+    record = {"settings": {"ppl_texts": [], "tasks": ["piqa", "lambada"], "calibration": {"source": "lambada"}},
+              "dense": evaluation(same, 0.5),
+              "runs": [{"label": label, "ratio": 0.2, "prune_seconds": 1.0, "memory": {"peak_rss_mb": 1.0},
+                        "report": {"ratio_achieved": 0.2}, "eval": evaluation(same, value)}
+                       for label, value in [("hywia", 0.4), ("low", 0.3), ("high", 0.6)]]}
+
+    header = _table(record)[0]
+    assert header.endswith("| average | separating average | prune s | peak MB |")
+    assert "| `hywia` | 0.2 (0.200) | 1.0M | 50.0 | 50.0 | 50.0 | 40.0 |" in _table(record)[3]
+    assert _winners(record) == ["- ratio 0.2: best separating average accuracy `high` (60.0)"]
+    paired = "\n".join(_paired_table(record))
+    assert "| `hywia` − best other `high` | 0.2 |" in paired and "separating average (2 tasks) |" in paired
