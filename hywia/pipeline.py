@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -52,6 +52,7 @@ class Pruned:
     model: nn.Module
     plan: PruningPlan
     prepared: PreparedRun
+    compensation: dict[str, int] = field(default_factory=dict)  # how often each fit was chosen (`compensate`)
 
 
 def check_method(config: PruneConfig) -> tuple[Criterion, tuple, tuple]:
@@ -111,6 +112,8 @@ class Pipeline:
         criterion, allocation, compensation = check_method(config)
         floor = allocation[1].floor if allocation[0] == "global" else None
         check_plan_request(self.adapter, self.layers, config.ratio, config.round_to, floor)
+        if getattr(compensation[1], "holdout", 0) > 0 and self.calibration.calib_samples < 2:
+            raise InvalidRequestError("lstsq:holdout needs at least 2 calibration windows (--calib-samples)")
         keep = allocate_uniform(self.adapter, self.layer_indices, config.ratio, config.round_to)
         return PreparedRun(config, criterion, allocation, compensation, keep)
 
@@ -145,16 +148,16 @@ class Pipeline:
             allocate = self._allocator(prepared)
             return select(self.adapter, scores, allocate(scores) if allocate else prepared.keep)
 
-    def compensate(self, model: nn.Module, plan: PruningPlan, compensation: tuple[str, object]) -> None:
+    def compensate(self, model: nn.Module, plan: PruningPlan, compensation: tuple[str, object]) -> dict[str, int]:
         """Stage `compensate`: the removed groups' contribution folded into what stays, on the calibration windows
         (`compensation`: a mode and its settings, as `parse_compensation` gives them)."""
         mode, settings = compensation
         if mode == "none":
-            return
+            return {}
         with self.log.stage("compensate"):
             adapter = self.adapter if model is self.model else adapter_for(model, self.attention)
-            compensate(model, adapter, plan, self.windows(), mode, progress=self.progress,
-                       **dataclasses.asdict(settings))
+            return compensate(model, adapter, plan, self.windows(), mode, progress=self.progress,
+                              **dataclasses.asdict(settings))
 
     def cut(self, model: nn.Module, plan: PruningPlan) -> None:
         """Stage `cut`: the removed groups taken out of the tensors."""
@@ -166,9 +169,9 @@ class Pipeline:
         scores = self.score(prepared)
         plan = self.plan(prepared, scores)
         model = self.model if in_place else copy.deepcopy(self.model)
-        self.compensate(model, plan, prepared.compensation)
+        chosen = self.compensate(model, plan, prepared.compensation)
         self.cut(model, plan)
-        return Pruned(model, plan, prepared)
+        return Pruned(model, plan, prepared, chosen)
 
     def apply(self, plan: PruningPlan, compensation: str) -> nn.Module:
         """A saved plan on this (dense) model: compensate as `compensation` says, then cut, without scoring."""
@@ -206,6 +209,8 @@ class Pipeline:
             },
             "fusion": pruned.prepared.criterion.summary(),
         }
+        if pruned.compensation:
+            record["compensation_fits"] = pruned.compensation
         if abs(record["ratio_achieved"] - config.ratio) > 0.01:
             record["ratio_note"] = (
                 "achieved share differs from the request by more than 1 point: head granularity and the "

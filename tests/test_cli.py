@@ -125,10 +125,13 @@ def test_eval_refuses_bad_perplexity_text_before_loading_and_long_windows_after(
             "--ppl-tokens", "300"]
     assert main(argv) == 2
     assert "--seq-len 300 exceeds the model's 256 positions" in _one_line_error(capsys)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--criterion", "hywia:8"], "give settings as key=value"),
     (["--allocation", "global:floor=2"], "floor must lie in"),
     (["--compensate", "lstsq:ridge=x"], "ridge must be float"),
+    (["--compensate", "lstsq:holdout=1"], "holdout must lie in [0, 1)"),
     (["--seed", "one"], "seed must be int"),
     (["--recipe", "missing.json"], "cannot read recipe"),
 ])

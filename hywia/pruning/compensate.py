@@ -16,6 +16,7 @@ weights before surgery, so a plan applied as a mask or physically still agrees.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -32,35 +33,80 @@ from .plan import PruningPlan
 MODES = ("none", "bias", "lstsq")
 
 
-class ProjectionMoments:
-    """Sums over calibration tokens for one output projection, in float64 on the CPU: `removed_sum` of x_R, and
-    for `lstsq` also `gram` of z z^T with z = [x_K; 1] and `cross` of (W_R x_R) z^T."""
+class _Sums:
+    """Token sums of one split of the calibration windows (module docstring of ProjectionMoments)."""
 
-    def __init__(self, weight: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor, mode: str) -> None:
-        self.weight_removed = weight.detach()[:, removed].double().cpu()
-        self.kept, self.removed, self.mode = kept, removed, mode
-        size = kept.numel() + 1
-        self.gram = torch.zeros(size, size, dtype=torch.float64) if mode == "lstsq" else None
-        self.cross = torch.zeros(weight.shape[0], size, dtype=torch.float64) if mode == "lstsq" else None
-        self.removed_sum = torch.zeros(removed.numel(), dtype=torch.float64)
+    def __init__(self, rows: int, kept: int, removed: int, lstsq: bool) -> None:
+        self.gram = torch.zeros(kept + 1, kept + 1, dtype=torch.float64) if lstsq else None
+        self.cross = torch.zeros(rows, kept + 1, dtype=torch.float64) if lstsq else None
+        self.removed_sum = torch.zeros(removed, dtype=torch.float64)
         self.tokens = 0
 
-    def add(self, inputs: torch.Tensor) -> None:
+
+class ProjectionMoments:
+    """Sums over calibration tokens for one output projection, in float64 on the CPU: of x_R, and for `lstsq` also
+    of z z^T with z = [x_K; 1] (`gram`) and of (W_R x_R) z^T (`cross`). Windows marked held out are summed apart:
+    the ridge is then chosen on them (`solve`)."""
+
+    def __init__(self, weight: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor, mode: str,
+                 validated: bool = False) -> None:
+        self.weight_removed = weight.detach()[:, removed].double().cpu()
+        self.kept, self.removed, self.mode = kept, removed, mode
+        shape = (weight.shape[0], kept.numel(), removed.numel(), mode == "lstsq")
+        self.fit = _Sums(*shape)
+        self.held_out = _Sums(*shape) if validated else None
+
+    def add(self, inputs: torch.Tensor, held_out: bool = False) -> None:
+        sums = self.held_out if held_out else self.fit
         x = inputs.reshape(-1, inputs.shape[-1]).double().cpu()
-        self.removed_sum += x[:, self.removed].sum(0)
-        self.tokens += x.shape[0]
+        sums.removed_sum += x[:, self.removed].sum(0)
+        sums.tokens += x.shape[0]
         if self.mode == "lstsq":
             z = torch.cat([x[:, self.kept], torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
-            self.gram += z.T @ z
-            self.cross += (x[:, self.removed] @ self.weight_removed.T).T @ z
+            sums.gram += z.T @ z
+            sums.cross += (x[:, self.removed] @ self.weight_removed.T).T @ z
 
-    def solve(self, ridge: float) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(change of the kept columns or None, bias to add)."""
+    def solve(self, ridge: float) -> tuple[torch.Tensor | None, torch.Tensor, str]:
+        """(change of the kept columns or None, bias to add, what was chosen). Without held-out windows: the
+        `lstsq` fit at `ridge`. With them, `ridge` x 10^k (k = -2..2) and the bias alone (A = 0) are each fitted on
+        the other windows and scored by the error they leave on the held-out ones; the winner is refitted on all."""
+        everything = self._merged()
         if self.mode == "bias":
-            return None, self.weight_removed @ (self.removed_sum / self.tokens)
-        gram = self.gram / self.tokens
+            return None, self._bias(everything), "bias"
+        if self.held_out is None:
+            return *self._split(self._lstsq(everything, ridge)), f"ridge {ridge:g}"
+        choices = {f"ridge {r:g}": self._lstsq(self.fit, r) for r in (ridge * 10.0 ** k for k in range(-2, 3))}
+        choices["bias"] = torch.cat([torch.zeros(self.weight_removed.shape[0], self.kept.numel(),
+                                                 dtype=torch.float64), self._bias(self.fit)[:, None]], 1)
+        gram, cross = self.held_out.gram / self.held_out.tokens, self.held_out.cross / self.held_out.tokens
+        # E||W_R x_R - S z||^2 on the held-out tokens, but for the constant E||W_R x_R||^2
+        errors = {name: float(((S @ gram) * S).sum() - 2 * (S * cross).sum()) for name, S in choices.items()}
+        best = min(errors, key=errors.get)
+        if best == "bias":
+            return None, self._bias(everything), best
+        return *self._split(self._lstsq(everything, float(best.split()[1]))), best
+
+    def _merged(self) -> _Sums:
+        if self.held_out is None:
+            return self.fit
+        merged = _Sums(0, 0, 0, False)
+        for name in ("gram", "cross", "removed_sum"):
+            parts = [getattr(s, name) for s in (self.fit, self.held_out)]
+            setattr(merged, name, None if parts[0] is None else parts[0] + parts[1])
+        merged.tokens = self.fit.tokens + self.held_out.tokens
+        return merged
+
+    def _bias(self, sums: _Sums) -> torch.Tensor:
+        return self.weight_removed @ (sums.removed_sum / sums.tokens)
+
+    @staticmethod
+    def _lstsq(sums: _Sums, ridge: float) -> torch.Tensor:
+        gram = sums.gram / sums.tokens
         gram = gram + ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)
-        solution = torch.linalg.solve(gram, (self.cross / self.tokens).T).T
+        return torch.linalg.solve(gram, (sums.cross / sums.tokens).T).T
+
+    @staticmethod
+    def _split(solution: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return solution[:, :-1], solution[:, -1]
 
 
@@ -101,12 +147,17 @@ def compensate(
     batches: torch.Tensor,
     mode: str,
     ridge: float = 1e-2,
+    holdout: float = 0.0,
     progress: bool = False,
-) -> None:
+) -> dict[str, int]:
     """Fold the removed groups' contribution into the kept columns and/or a bias of every pruned layer, in place
-    (module docstring), layer by layer over the calibration `batches`."""
+    (module docstring), layer by layer over the calibration `batches`. With `holdout` > 0 that share of the
+    windows (the last ones; at least one, and at least one left to fit on) chooses each projection's ridge, or the
+    bias alone (`ProjectionMoments.solve`). Returns how often each fit was chosen."""
+    chosen: dict[str, int] = {}
     if mode == "none" or not plan.layers:
-        return
+        return chosen
+    held_out = min(max(math.ceil(holdout * len(batches)), 1), len(batches) - 1) if holdout > 0 else 0
     layers = adapter.layers()
     low, high = min(plan.layers), max(plan.layers)
     acts = ActivationStore(on_disk=False)
@@ -119,14 +170,18 @@ def compensate(
         layer, keep = layers[index], plan.layers.get(index, {})
         specs = [s for s in adapter.group_specs(layer) if s.kind in keep and len(keep[s.kind]) < s.count]
         with editable(layer) if specs else resident(layer):
-            _compensate_layer(layer, specs, keep, calls[index], hidden, mode, ridge)
+            for choice in _compensate_layer(layer, specs, keep, calls[index], hidden, mode, ridge, held_out):
+                chosen[choice] = chosen.get(choice, 0) + 1
+    return chosen
 
 
 def _compensate_layer(layer: nn.Module, specs: list[GroupSpec], keep: dict[str, list[int]], calls: list,
-                      hidden: list[torch.Tensor], mode: str, ridge: float) -> None:
+                      hidden: list[torch.Tensor], mode: str, ridge: float, held_out: int) -> list[str]:
     """One layer: each output projection, in forward order, fitted on the inputs the pruned model gives it; then
-    the hidden states are advanced to the pruned layer's output in place."""
+    the hidden states are advanced to the pruned layer's output in place. The last `held_out` windows choose the
+    ridge; returns each projection's choice."""
     device = execution_device(layer)
+    choices = []
     columns = {s.gate_module: _columns(s, keep[s.kind]) for s in specs}
     masks = {}
     for s in specs:
@@ -134,13 +189,14 @@ def _compensate_layer(layer: nn.Module, specs: list[GroupSpec], keep: dict[str, 
         masks[s.gate_module] = torch.zeros(width).index_fill_(0, columns[s.gate_module][0], 1.0)
     for s in specs:
         linear: nn.Linear = layer.get_submodule(s.gate_module)
-        moments = ProjectionMoments(linear.weight, *columns[s.gate_module], mode)
+        moments = ProjectionMoments(linear.weight, *columns[s.gate_module], mode, validated=held_out > 0)
         for sample, call in enumerate(calls):
             seen: dict[str, torch.Tensor] = {}
             with _masked_inputs(layer, specs, masks, seen):
                 _run_until(layer, call, hidden[sample].to(device), linear)
-            moments.add(seen[s.gate_module])
-        delta, bias = moments.solve(ridge)
+            moments.add(seen[s.gate_module], held_out=sample >= len(calls) - held_out)
+        delta, bias, choice = moments.solve(ridge)
+        choices.append(choice)
         if delta is not None:
             kept = columns[s.gate_module][0].to(linear.weight.device)
             linear.weight[:, kept] += delta.to(linear.weight.device, linear.weight.dtype)
@@ -149,6 +205,7 @@ def _compensate_layer(layer: nn.Module, specs: list[GroupSpec], keep: dict[str, 
     with _masked_inputs(layer, specs, masks, {}):
         for sample, call in enumerate(calls):
             hidden[sample] = call.run(layer, hidden[sample].to(device)).cpu()
+    return choices
 
 
 class _Reached(Exception):

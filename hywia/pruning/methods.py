@@ -20,10 +20,15 @@ class GlobalAllocation:
 @dataclass(frozen=True)
 class LeastSquares:
     ridge: float = 1e-2  # added to the Gram matrix's diagonal, in units of its mean diagonal
+    # share of the calibration windows held out to choose each projection's fit among ridge x 10^-2..10^2 and the
+    # bias alone (0: the fixed ridge, fitted on every window)
+    holdout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {self.ridge}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"holdout must lie in [0, 1), got {self.holdout}")
 
 
 ALLOCATIONS: dict[str, type] = {"uniform": NoSettings, "global": GlobalAllocation}
@@ -36,5 +41,5 @@ def parse_allocation(spec: str) -> tuple[str, NoSettings | GlobalAllocation]:
 
 
 def parse_compensation(spec: str) -> tuple[str, NoSettings | LeastSquares]:
-    """`none`, `bias` or `lstsq[:ridge=R]`."""
+    """`none`, `bias` or `lstsq[:ridge=R][:holdout=H]`."""
     return parse_spec(spec, COMPENSATIONS, "compensation")

@@ -55,7 +55,7 @@ def test_bias_compensation_is_exact_for_constant_inputs():
     x[:, 0] = 3.0
     moments = ProjectionMoments(weight, torch.tensor([1, 2, 3]), torch.tensor([0]), "bias")
     moments.add(x)
-    delta, bias = moments.solve(ridge=0.0)
+    delta, bias, _ = moments.solve(ridge=0.0)
     assert delta is None
     torch.testing.assert_close(bias, weight[:, 0] * 3.0)
 
@@ -69,14 +69,14 @@ def test_least_squares_fits_the_removed_columns_from_the_kept_ones():
     x = torch.randn(200, 5, dtype=torch.float64, generator=generator)
     moments = ProjectionMoments(weight, kept, removed, "lstsq")
     moments.add(x)
-    delta, bias = moments.solve(ridge=0.0)
+    delta, bias, _ = moments.solve(ridge=0.0)
     design = torch.cat([x[:, kept], torch.ones(200, 1, dtype=torch.float64)], 1)
     expected = torch.linalg.lstsq(design, x[:, removed] @ weight[:, removed].T).solution.T
     torch.testing.assert_close(torch.cat([delta, bias[:, None]], 1), expected)
     x[:, removed] = x[:, kept[:2]] * 2.0 - 1.0
     exact = ProjectionMoments(weight, kept, removed, "lstsq")
     exact.add(x)
-    delta, bias = exact.solve(ridge=0.0)
+    delta, bias, _ = exact.solve(ridge=0.0)
     torch.testing.assert_close(x[:, kept] @ (weight[:, kept] + delta).T + bias, x @ weight.T)
 
 
@@ -111,8 +111,72 @@ def test_later_layers_are_fitted_on_the_pruned_model_inputs(tiny_model_factory):
     expected, stale = (ProjectionMoments(weight, kept, removed, "lstsq") for _ in range(2))
     expected.add(_o_proj_inputs(first_only, 1, ids))
     stale.add(_o_proj_inputs(dense, 1, ids))
-    delta, bias = expected.solve(ridge=1e-2)
+    delta, bias, _ = expected.solve(ridge=1e-2)
     fitted = together.model.layers[1].self_attn.o_proj
     torch.testing.assert_close(fitted.weight[:, kept], (weight[:, kept].double() + delta).float(), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fitted.bias, bias.float(), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(stale.solve(ridge=1e-2)[1], bias, atol=1e-4)  # the dense inputs differ
+
+
+def _regression(samples: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs whose removed columns are a linear function of the kept ones plus `noise`."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, 40, dtype=torch.float64, generator=generator)
+    mixing = torch.randn(30, 10, dtype=torch.float64, generator=generator)
+    x[:, 30:] = x[:, :30] @ mixing * 0.3 + noise * torch.randn(samples, 10, dtype=torch.float64, generator=generator)
+    return x, torch.randn(8, 40, dtype=torch.float64, generator=generator)
+
+
+@pytest.mark.parametrize("samples, noise, expected", [(2000, 0.01, "ridge 0.0001"), (50, 10.0, "bias")])
+def test_held_out_windows_choose_the_fit_that_generalises(samples, noise, expected):
+    """With plenty of clean data the least regularised fit wins on held-out tokens; with few noisy tokens the fit
+    overfits and the bias alone wins. The winner is refitted on every token."""
+    x, weight = _regression(samples, noise, seed=0)
+    kept, removed = torch.arange(30), torch.arange(30, 40)
+    moments = ProjectionMoments(weight, kept, removed, "lstsq", validated=True)
+    moments.add(x[: samples * 3 // 4])
+    moments.add(x[samples * 3 // 4:], held_out=True)
+    delta, bias, choice = moments.solve(ridge=1e-2)
+    assert choice == expected
+    everything = ProjectionMoments(weight, kept, removed, "bias" if expected == "bias" else "lstsq")
+    everything.add(x)
+    reference = everything.solve(ridge=1e-4)
+    assert (delta is None) == (reference[0] is None)
+    if delta is not None:
+        torch.testing.assert_close(delta, reference[0])
+    torch.testing.assert_close(bias, reference[1])
+
+
+def test_holdout_compensation_reports_its_choices(tiny_model_factory):
+    dense = tiny_model_factory("llama")
+    ids = torch.randint(0, 300, (8, 24), generator=torch.Generator().manual_seed(2))
+    adapter, plan = _plan(dense)
+    fixed = copy.deepcopy(dense)
+    chosen = compensate(fixed, adapter_for(fixed), plan, ids, "lstsq", holdout=0.25)
+    projections = sum(len(keep) for keep in plan.layers.values())
+    assert sum(chosen.values()) == projections
+    assert set(chosen) <= {"bias"} | {f"ridge {1e-2 * 10.0 ** k:g}" for k in range(-2, 3)}
+    assert compensate(dense, adapter, plan, ids, "lstsq") == {"ridge 0.01": projections}
+
+
+def test_holdout_needs_two_windows_and_is_reported(tiny_model_factory):
+    from hywia.errors import InvalidRequestError
+    from hywia.pipeline import Pipeline
+    from hywia.settings import CalibrationConfig, PruneConfig
+
+    model = tiny_model_factory("llama")
+    config = PruneConfig(ratio=0.2, layers="0:4", criterion="magnitude", compensate="lstsq:holdout=0.5")
+    lone = Pipeline(model, None, layers="0:4", calibration=CalibrationConfig(calib_samples=1, seq_len=16),
+                    windows=torch.zeros(1, 16, dtype=torch.long), progress=False)
+    with pytest.raises(InvalidRequestError, match="at least 2 calibration windows"):
+        lone.prepare(config)
+    pipeline = Pipeline(model, None, layers="0:4", calibration=CalibrationConfig(calib_samples=4, seq_len=16),
+                        windows=torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0)),
+                        progress=False)
+    prepared = pipeline.prepare(config)
+    pipeline.calibrate([prepared])
+    pruned = pipeline.run(prepared, in_place=False)
+    summary = pipeline.summary(pruned, adapter_for(model).num_decoder_params(), sum(p.numel() for p in model.parameters()))
+    specs = {(i, s.kind): s.count for i in range(4) for s in adapter_for(model).group_specs(model.model.layers[i])}
+    cut = sum(len(kept) < specs[(i, kind)] for i, keep in pruned.plan.layers.items() for kind, kept in keep.items())
+    assert cut > 0 and sum(summary["compensation_fits"].values()) == cut  # one fit per projection that lost groups
