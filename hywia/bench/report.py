@@ -234,6 +234,26 @@ def _median(values: list[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
+def _stage_table(record: dict) -> list[str]:
+    """Seconds and peak resident MB of every stage: the shared calibration pass, then each run's own stages."""
+    stages = ["calibrate"] + list(dict.fromkeys(name for run in record["runs"]
+                                                for name in run["report"].get("stages", {})))
+    if len(stages) == 1:
+        return []
+
+    def cell(entry: dict | None) -> str:
+        return "" if entry is None else f"{entry['seconds']:.1f} s / {entry['peak_rss_mb']:.0f} MB"
+
+    rows = [[f"calibration pass ({entry['samples']} windows, layers {entry['layers'] or 'default'})", "",
+             cell(entry)] + [""] * (len(stages) - 1) for entry in record.get("calibration_passes", [])]
+    rows += [[f"`{run['label']}`", f"{run['ratio']:g}"] + [cell(run["report"].get("stages", {}).get(name))
+                                                            for name in stages] for run in record["runs"]]
+    header = ["run", "ratio", *stages]
+    return ["Cost per stage (wall seconds / peak resident MB within the stage; one calibration pass serves every run "
+            "of its layer range):", "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
 def render_markdown(record: dict, base: Path) -> str:
     """The section for a markdown file in folder `base` (plot links are relative to it)."""
     settings, dense = record["settings"], record["dense"]
@@ -278,6 +298,9 @@ def render_markdown(record: dict, base: Path) -> str:
     paired = _paired_table(record)
     if paired:
         lines += [*paired, ""]
+    stages = _stage_table(record)
+    if stages:
+        lines += [*stages, ""]
     for name, path in record.get("plots", {}).items():
         link = Path(os.path.relpath(path, base)).as_posix()
         lines.append(f"![{_PLOT_TITLES[name]}]({link})")
