@@ -129,20 +129,38 @@ def check_global_reachable(adapter: Adapter, layer_indices: list[int], ratio: fl
         )
 
 
+DEFAULT_ROUND_TO = 8  # the kept-width multiple when --round-to is not given: GEMM kernels' vector width on CPUs
+
+
 def check_round_to(adapter: Adapter, layer_indices: list[int], round_to: int) -> None:
     """Refuse a --round-to not below some pruned layer's MLP width: there it would round nothing, silently."""
     if round_to < 1:
         raise InvalidRequestError(f"--round-to must be >= 1, got {round_to}")
     if round_to == 1:
         return
+    narrowest = _narrowest_mlp(adapter, layer_indices)
+    if narrowest is not None and narrowest[1] <= round_to:
+        raise InvalidRequestError(
+            f"--round-to {round_to} is not below the MLP width of layer {narrowest[0]} ({narrowest[1]} channels), "
+            "so it would round nothing there; use a smaller --round-to or prune without it"
+        )
+
+
+def resolve_round_to(adapter: Adapter, layer_indices: list[int], round_to: int | None) -> int:
+    """The --round-to a run uses: a given value as is (checked by `check_round_to`); none given, DEFAULT_ROUND_TO
+    where every pruned MLP is wider than it, else 1, so the default never refuses a (tiny) model."""
+    if round_to is not None:
+        return round_to
+    narrowest = _narrowest_mlp(adapter, layer_indices)
+    return DEFAULT_ROUND_TO if narrowest is None or narrowest[1] > DEFAULT_ROUND_TO else 1
+
+
+def _narrowest_mlp(adapter: Adapter, layer_indices: list[int]) -> tuple[int, int] | None:
+    """(layer, channels) of the pruned layer with the fewest MLP channels; None when no pruned layer has an MLP."""
     layers = adapter.layers()
     widths = {i: spec.count for i in layer_indices for spec in adapter.group_specs(layers[i]) if spec.kind == "mlp"}
     narrowest = min(widths, key=widths.get, default=None)
-    if narrowest is not None and widths[narrowest] <= round_to:
-        raise InvalidRequestError(
-            f"--round-to {round_to} is not below the MLP width of layer {narrowest} ({widths[narrowest]} channels), "
-            "so it would round nothing there; use a smaller --round-to or prune without it"
-        )
+    return None if narrowest is None else (narrowest, widths[narrowest])
 
 
 def check_plan_request(
@@ -164,11 +182,14 @@ def _unit(adapter: Adapter, layer: torch.nn.Module, spec: GroupSpec) -> int:
     return _kv_count(adapter, layer) if spec.kind == "head" else 1
 
 
-def _round_keep(keep: int, count: int, unit: int, round_to: int) -> int:
-    """Round a kept count to a multiple of `round_to` (when that stays a multiple of the unit), within [unit, count]."""
-    if round_to > 1 and round_to % unit == 0 and count > round_to:
-        keep = round(keep / round_to) * round_to
-    return min(max(keep, unit), count)
+def _round_keep(keep: int, spec: GroupSpec, unit: int, round_to: int) -> int:
+    """Round a kept count so that the kept width (groups x `gate_block` input columns of the output projection)
+    is a multiple of `round_to`, in whole units, within [unit, count]. Heads whose head_dim is already a multiple
+    of `round_to` are left as they are; a step the layer cannot hold rounds nothing."""
+    step = math.lcm(unit, round_to // math.gcd(round_to, spec.gate_block))
+    if step > unit and spec.count > step:
+        keep = max(round(keep / step) * step, step)
+    return min(max(keep, unit), spec.count)
 
 
 def allocate_uniform(
@@ -194,7 +215,7 @@ def allocate_uniform(
             unit = _unit(adapter, layers[i], spec)
             units = spec.count // unit
             drop = min(round(share * units), units - 1)
-            keep[(i, spec.kind)] = _round_keep((units - drop) * unit, spec.count, unit, round_to)
+            keep[(i, spec.kind)] = _round_keep((units - drop) * unit, spec, unit, round_to)
             removed += (spec.count - keep[(i, spec.kind)]) * group_cost(layers[i], spec)
     mlp_params = sum(group_cost(layers[i], s) * s.count for i in layer_indices for s in specs[i] if s.kind == "mlp")
     mlp_share = min(max((target - removed) / mlp_params, 0.0), 1.0) if mlp_params else 0.0
@@ -202,7 +223,7 @@ def allocate_uniform(
         for spec in specs[i]:
             if spec.kind == "mlp":
                 kept = spec.count - round(mlp_share * spec.count)
-                keep[(i, "mlp")] = _round_keep(kept, spec.count, 1, round_to)
+                keep[(i, "mlp")] = _round_keep(kept, spec, 1, round_to)
     return keep
 
 
@@ -252,7 +273,7 @@ def allocate_global(
         for i in layer_indices:
             for spec in adapter.group_specs(layers[i]):
                 key = (i, spec.kind)
-                keep[key] = _round_keep(keep[key], spec.count, _unit(adapter, layers[i], spec), round_to)
+                keep[key] = _round_keep(keep[key], spec, _unit(adapter, layers[i], spec), round_to)
     return keep
 
 
