@@ -182,14 +182,41 @@ def _unit(adapter: Adapter, layer: torch.nn.Module, spec: GroupSpec) -> int:
     return _kv_count(adapter, layer) if spec.kind == "head" else 1
 
 
-def _round_keep(keep: int, spec: GroupSpec, unit: int, round_to: int) -> int:
-    """Round a kept count so that the kept width (groups x `gate_block` input columns of the output projection)
-    is a multiple of `round_to`, in whole units, within [unit, count]. Heads whose head_dim is already a multiple
-    of `round_to` are left as they are; a step the layer cannot hold rounds nothing."""
+def _rounding_step(spec: GroupSpec, unit: int, round_to: int) -> int | None:
+    """The kept-count step that makes the kept width (groups x `gate_block` input columns of the output projection)
+    a multiple of `round_to` in whole units; None where it changes nothing (heads whose head_dim is already a
+    multiple of `round_to`) or where the layer cannot hold one step."""
     step = math.lcm(unit, round_to // math.gcd(round_to, spec.gate_block))
-    if step > unit and spec.count > step:
+    return step if step > unit and spec.count > step else None
+
+
+def _round_keep(keep: int, spec: GroupSpec, unit: int, round_to: int) -> int:
+    """A kept count rounded to the nearest `_rounding_step` multiple, within [unit, count]."""
+    step = _rounding_step(spec, unit, round_to)
+    if step is not None:
         keep = max(round(keep / step) * step, step)
     return min(max(keep, unit), spec.count)
+
+
+def _round_keep_towards(keep: dict[LayerKind, int], adapter: Adapter, layer_indices: list[int], round_to: int,
+                        shortfall: float) -> None:
+    """Round every kept count to its `_rounding_step`, each down or up so that the parameters removed so far stay
+    closest to the unrounded allocation's plus `shortfall` (what it missed the target by): rounding errors cancel
+    across layers instead of adding up, so the achieved share stays at the request."""
+    layers = adapter.layers()
+    drift = -shortfall  # rounded removal so far - unrounded removal so far - shortfall
+    for i in layer_indices:
+        for spec in adapter.group_specs(layers[i]):
+            key, unit = (i, spec.kind), _unit(adapter, layers[i], spec)
+            step = _rounding_step(spec, unit, round_to)
+            if step is None:
+                continue
+            below = max(keep[key] // step * step, step)
+            options = {below, min(below + step, spec.count)} if below < keep[key] else {below}
+            cost = group_cost(layers[i], spec)
+            chosen = min(sorted(options), key=lambda kept: abs(drift + (keep[key] - kept) * cost))
+            drift += (keep[key] - chosen) * cost
+            keep[key] = chosen
 
 
 def allocate_uniform(
@@ -270,10 +297,7 @@ def allocate_global(
             "widen --layers or lower --ratio"
         )
     if round_to > 1:
-        for i in layer_indices:
-            for spec in adapter.group_specs(layers[i]):
-                key = (i, spec.kind)
-                keep[key] = _round_keep(keep[key], spec, _unit(adapter, layers[i], spec), round_to)
+        _round_keep_towards(keep, adapter, layer_indices, round_to, target - removed)
     return keep
 
 
