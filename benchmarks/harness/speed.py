@@ -75,13 +75,16 @@ class Variant:
     @property
     def label(self) -> str:
         if self.source is not None:
-            return f"{Path(self.source).parent.name} ({self.ratio:.1%})"
+            path = Path(self.source)
+            name = path.resolve().parent.name if path.stem in ("report", "plan") else path.stem
+            return f"{name} ({self.ratio:.1%})"
         return "dense" if self.ratio == 0 else f"{self.ratio:.0%} round-to {'/'.join(map(str, self.round_to))}"
 
 
 def plan_variant(model: nn.Module, path: str | Path) -> Variant:
     """The widths of a real prune of this model's shape, from its report.json (per-layer widths under "layers")
-    or plan.json (kept indices); labelled with the folder holding the file. Which groups it kept does not matter."""
+    or plan.json (kept indices, or a copy of either under another name); labelled with the file's name, or the
+    folder holding it for report.json and plan.json. Which groups it kept does not matter."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -107,7 +110,7 @@ def plan_variant(model: nn.Module, path: str | Path) -> Variant:
         if count < spec.count:
             keep.append(((i, kind), count))
             removed += (spec.count - count) * group_cost(layers[i], spec)
-    return Variant(removed / adapter.num_decoder_params(), source=str(path.resolve()), keep=tuple(keep))
+    return Variant(removed / adapter.num_decoder_params(), source=str(path), keep=tuple(keep))
 
 
 def plan_origin(path: str) -> dict:

@@ -107,6 +107,8 @@ def test_a_real_plan_is_timed_at_its_own_widths(tiny_model_factory, tmp_path):
     from_plan = plan_variant(model, tmp_path / "run-a" / "plan.json")
     assert from_report.keep and from_report.keep == from_plan.keep and from_report.ratio == pytest.approx(share)
     assert from_report.label == f"run-a ({share:.1%})"
+    (tmp_path / "kept-widths.json").write_text((tmp_path / "run-a" / "report.json").read_text())
+    assert plan_variant(model, tmp_path / "kept-widths.json").label == f"kept-widths ({share:.1%})"
     copy_ = pruned_copy(model, from_report)
     assert [adapter_for(copy_).widths(layer) for layer in adapter_for(copy_).layers()] == widths
     assert macs_per_token(copy_) == macs_per_token(pruned)
