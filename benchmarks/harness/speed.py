@@ -433,8 +433,8 @@ def benchmark_shape(name: str, model: nn.Module, description: str, settings: Spe
             "seconds": time.perf_counter() - start}
 
 
-def run_speed(settings: SpeedSettings, out_dir: str | Path, command: str, name: str = "speed") -> dict:
-    """Benchmark every shape and write NAME.json and NAME.md into `out_dir`; returns the record."""
+def run_speed(settings: SpeedSettings, out_dir: str | Path, command: str, file_stem: str = "speed") -> dict:
+    """Benchmark every shape and write FILE_STEM.json and FILE_STEM.md into `out_dir`; returns the record."""
     from hywia.eval.api import machine
     from hywia.io.checks import strict_json
 
@@ -456,8 +456,8 @@ def run_speed(settings: SpeedSettings, out_dir: str | Path, command: str, name: 
         record["machine"] = machine()
     record["load_average_after"] = os.getloadavg()
     record["seconds"] = time.perf_counter() - start
-    (out / f"{name}.json").write_text(strict_json(record, indent=1))
-    (out / f"{name}.md").write_text(render_markdown(record))
+    (out / f"{file_stem}.json").write_text(strict_json(record, indent=1))
+    (out / f"{file_stem}.md").write_text(render_markdown(record))
     return record
 
 

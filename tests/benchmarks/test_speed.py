@@ -117,6 +117,17 @@ def test_a_real_plan_is_timed_at_its_own_widths(tiny_model_factory, tmp_path):
         plan_variants(model, [], [1], [from_report.source, from_report.source])
 
 
+def test_run_speed_writes_the_files_it_is_told(tiny_model_factory, tmp_path, monkeypatch):
+    import benchmarks.harness.speed as harness
+
+    model = tiny_model_factory("llama", layers=2)
+    monkeypatch.setattr(harness, "build_shape", lambda name, layers, seed: (model, "tiny random llama"))
+    settings = SpeedSettings(shapes=["smollm2-135m"], ratios=[0.3], round_to=[1], batch_sizes=[1], prompt_len=8,
+                             new_tokens=3, compile_shapes=[], repetitions=[1])
+    harness.run_speed(settings, tmp_path, "speed --name speed-default", "speed-default")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speed-default.json", "speed-default.md"]
+
+
 def test_a_plan_of_another_shape_is_refused(tiny_model_factory, tmp_path):
     _real_prune(tiny_model_factory("llama", layers=4), tmp_path / "run-a")
     with pytest.raises(InvalidRequestError, match="has 4 layers, the model 2"):
