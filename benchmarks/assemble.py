@@ -23,6 +23,7 @@ SECTIONS = [
     (None, "memory-section.md", None),  # whole-prune memory: benchmarks/memory.py's table with its analysis
     (None, "llama7b-section.md", None),  # the 7B-shaped prune: benchmarks/llama7b_shape.py's table with its notes
     ("Speed against the MAC ceiling", "speed.md", None),
+    ("Speed of the default prune's widths", "speed-default.md", None),
     ("llama.cpp speed of exported GGUFs", "llamacpp_speed.md", None),
 ]
 

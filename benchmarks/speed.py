@@ -2,6 +2,8 @@
 and decode speed-ups against their MAC ceilings. Writes benchmarks/results/speed.json and speed.md.
 
     python benchmarks/speed.py        # the defaults of benchmarks/harness/speed.py's SpeedSettings
+    python benchmarks/speed.py --shapes smollm2-135m --ratios none --plans out-a/report.json,out-b/report.json \
+        --name speed-default          # the widths of real prunes instead, written as speed-default.json/.md
 """
 
 from __future__ import annotations
@@ -29,15 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_speed_flags(parser)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="speed", help="results are written as NAME.json and NAME.md [speed]")
     args = parser.parse_args(argv)
     try:
         settings = settings_from_args(args)
-        record = run_speed(settings, RESULTS, command_line(["python", "benchmarks/speed.py"], settings))
+        extra = [] if args.name == "speed" else ["--name", args.name]
+        record = run_speed(settings, RESULTS, command_line(["python", "benchmarks/speed.py"], settings, extra=extra),
+                           args.name)
     except HywiaError as exc:
         print(f"speed.py: error: {exc}", file=sys.stderr)
         return 2
     print(render_markdown(record))
-    print(f"written: {RESULTS / 'speed.json'}, {RESULTS / 'speed.md'}")
+    print(f"written: {RESULTS / (args.name + '.json')}, {RESULTS / (args.name + '.md')}")
     return 0
 
 

@@ -25,6 +25,7 @@ from .models import ATTENTION_MODES, Adapter, LayerKind, adapter_for
 from .pruning import (PruningPlan, allocate_global, allocate_uniform, apply_plan, check_plan_request, parse_layers,
                       select)
 from .pruning.compensate import compensate
+from .pruning.plan import resolve_round_to
 from .pruning.methods import parse_allocation, parse_compensation
 from .settings import CalibrationConfig, PruneConfig, RuntimeConfig, format_spec
 
@@ -61,7 +62,7 @@ def check_method(config: PruneConfig) -> tuple[Criterion, tuple, tuple]:
         raise InvalidRequestError("--ratio is required (or a --recipe that sets it)")
     if not 0.0 < config.ratio < 1.0:
         raise InvalidRequestError(f"--ratio must lie strictly between 0 and 1, got {config.ratio}")
-    if config.round_to < 1:
+    if config.round_to is not None and config.round_to < 1:
         raise InvalidRequestError(f"--round-to must be >= 1, got {config.round_to}")
     if config.attention not in ATTENTION_MODES:
         raise InvalidRequestError(f"--attention must be one of {', '.join(ATTENTION_MODES)}, got {config.attention!r}")
@@ -110,6 +111,8 @@ class Pipeline:
         if (config.attention, config.layers) != (self.attention, self.layers):
             raise InvalidRequestError("a pipeline's runs share its --attention and --layers")
         criterion, allocation, compensation = check_method(config)
+        config = dataclasses.replace(config, round_to=resolve_round_to(self.adapter, self.layer_indices,
+                                                                       config.round_to))
         floor = allocation[1].floor if allocation[0] == "global" else None
         check_plan_request(self.adapter, self.layers, config.ratio, config.round_to, floor)
         if getattr(compensation[1], "holdout", 0) > 0 and self.calibration.calib_samples < 2:

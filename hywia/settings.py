@@ -129,7 +129,9 @@ class PruneConfig:
     attention: str = _setting("heads", "remove query heads evenly per KV group, whole KV groups, or no attention "
                                        "(MLP channels only)", choices=("heads", "kv", "none"))
     layers: str | None = _setting(None, "layers to prune as A:B (default: all but the first ~10%% and the last 2)")
-    round_to: int = _setting(1, "round kept MLP widths (and heads where possible) to N")
+    round_to: int | None = _setting(None, "round each pruned layer's kept MLP and attention widths to a multiple "
+                                          "of N for GEMM-friendly shapes (heads only where head_dim is not already "
+                                          "one); default: 8 where every pruned MLP is wider than 8, else 1")
 
 
 @dataclass(frozen=True)

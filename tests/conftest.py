@@ -55,14 +55,15 @@ def tiny_tokenizer():
     )
 
 
-def tiny_config(family: str = "llama", *, heads: int = 4, kv_heads: int = 2, layers: int = 4, vocab: int = 300):
-    """A small config of a supported family (hidden 64, head_dim 16, MLP 96)."""
+def tiny_config(family: str = "llama", *, heads: int = 4, kv_heads: int = 2, layers: int = 4, vocab: int = 300,
+                mlp: int = 96):
+    """A small config of a supported family (hidden 64, head_dim 64 / heads, MLP `mlp` channels)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
         vocab_size=vocab,
         hidden_size=64,
-        intermediate_size=96,
+        intermediate_size=mlp,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,

@@ -55,3 +55,16 @@ def test_runs_are_checked_before_any_work(tiny_model_factory, tiny_tokenizer, ca
     with pytest.raises(InvalidRequestError, match="ridge must be >= 0"):
         pipeline.prepare(PruneConfig(ratio=0.2, layers="0:4", compensate="lstsq:ridge=-1"))
     assert pipeline.stats is None and not pipeline.log.stages
+
+
+def test_the_default_round_to_is_resolved_per_model_and_recorded(tiny_model_factory, tiny_tokenizer, calibration):
+    wide = Pipeline(tiny_model_factory("llama"), tiny_tokenizer, layers="0:4", calibration=calibration)
+    prepared = wide.prepare(PruneConfig(ratio=0.3, allocation="uniform", layers="0:4"))
+    assert prepared.resolved().round_to == 8  # the recipe holds the value used, not "default"
+    assert all(v % 8 == 0 for (_, kind), v in prepared.keep.items() if kind == "mlp")
+    # an MLP of 8 channels: the default rounds nothing there instead of refusing; a given 8 is refused
+    narrow = Pipeline(tiny_model_factory("llama", mlp=8), tiny_tokenizer, layers="0:4",
+                      calibration=calibration)
+    assert narrow.prepare(PruneConfig(ratio=0.2, layers="0:4")).resolved().round_to == 1
+    with pytest.raises(InvalidRequestError, match="--round-to 8 is not below the MLP width of layer 0"):
+        narrow.prepare(PruneConfig(ratio=0.2, layers="0:4", round_to=8))

@@ -16,12 +16,16 @@ pruned measured moments apart) and their median over repetitions is reported.
   per-token work;
 - decode static+compile (chosen shapes and batch sizes): the same with a static KV cache and the forward under
   torch.compile, which takes the loop's fixed per-token cost off a small model.
+
+Besides uniform widths, `plans` times the per-layer widths of real prunes (a hywia report.json or plan.json): the
+widths a default `hywia prune` gives are what its users run.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import shlex
 import statistics
@@ -46,24 +50,75 @@ from transformers import (
 )
 
 from hywia.errors import InvalidRequestError
-from hywia.models import adapter_for
+from hywia.models import LayerKind, adapter_for
 from hywia.pruning import allocate_uniform, apply_plan, select
+from hywia.pruning.plan import group_cost
 
 SHAPES = ("smollm2-135m", "llama-7b-shaped")
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                 vocab_size=32000)
 
 
+_WIDTH_KEYS = {"head": "num_attention_heads", "kv": "num_key_value_heads", "mlp": "intermediate_size"}
+
+
 @dataclass(frozen=True)
 class Variant:
-    """One pruned copy: share of decoder parameters removed, and every round-to that gives its widths."""
+    """One pruned copy: share of decoder parameters removed, and every round-to that gives its widths; or, for a
+    real plan (`source` names it), the kept count of every (layer, kind) it prunes."""
 
     ratio: float
     round_to: tuple[int, ...] = (1,)
+    source: str | None = None
+    keep: tuple[tuple[LayerKind, int], ...] = ()
 
     @property
     def label(self) -> str:
+        if self.source is not None:
+            path = Path(self.source)
+            name = path.resolve().parent.name if path.stem in ("report", "plan") else path.stem
+            return f"{name} ({self.ratio:.1%})"
         return "dense" if self.ratio == 0 else f"{self.ratio:.0%} round-to {'/'.join(map(str, self.round_to))}"
+
+
+def plan_variant(model: nn.Module, path: str | Path) -> Variant:
+    """The widths of a real prune of this model's shape, from its report.json (per-layer widths under "layers")
+    or plan.json (kept indices, or a copy of either under another name); labelled with the file's name, or the
+    folder holding it for report.json and plan.json. Which groups it kept does not matter."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidRequestError(f"cannot read plan widths from {path}: {exc}") from exc
+    attention = data.get("attention", "heads")
+    adapter = adapter_for(model, attention)
+    layers = adapter.layers()
+    if "layers" not in data:
+        raise InvalidRequestError(f"{path} is neither a hywia report.json nor a plan.json (no 'layers')")
+    if isinstance(data["layers"], list):  # report.json: every layer's widths
+        if len(data["layers"]) != len(layers):
+            raise InvalidRequestError(f"{path} has {len(data['layers'])} layers, the model {len(layers)}")
+        counts = {(i, spec.kind): widths[_WIDTH_KEYS[spec.kind]]
+                  for i, widths in enumerate(data["layers"]) for spec in adapter.group_specs(layers[i])}
+    else:  # plan.json: the kept indices of the pruned layers
+        counts = {(int(i), kind): len(kept) for i, kinds in data["layers"].items() for kind, kept in kinds.items()}
+    keep, removed = [], 0
+    for (i, kind), count in sorted(counts.items()):
+        spec = next((s for s in adapter.group_specs(layers[i]) if s.kind == kind), None) if i < len(layers) else None
+        if spec is None or not 0 < count <= spec.count:
+            raise InvalidRequestError(f"{path}: layer {i} {kind} keeps {count}, which this model's shape cannot hold")
+        if count < spec.count:
+            keep.append(((i, kind), count))
+            removed += (spec.count - count) * group_cost(layers[i], spec)
+    return Variant(removed / adapter.num_decoder_params(), source=str(path), keep=tuple(keep))
+
+
+def plan_origin(path: str) -> dict:
+    """How a plan's file came about, as its report.json says (the prune's recipe settings); {} for a plan.json."""
+    data = json.loads(Path(path).read_text())
+    prune = data.get("recipe", {}).get("prune", {})
+    return {key: prune[key] for key in ("ratio", "criterion", "allocation", "compensate", "round_to", "layers")
+            if key in prune}
 
 
 @dataclass
@@ -81,6 +136,7 @@ class SpeedSettings:
     compile_batch_sizes: list[int] = field(default_factory=lambda: [8])
     repetitions: list[int] = field(default_factory=lambda: [3])
     llama_layers: int = 2
+    plans: list[str] = field(default_factory=list)  # report.json / plan.json files of prunes of the shapes timed
     seed: int = 0
 
     def repetitions_of(self, shape: str) -> int:
@@ -108,8 +164,10 @@ def build_shape(name: str, llama_layers: int = 2, seed: int = 0) -> tuple[nn.Mod
     raise InvalidRequestError(f"unknown shape {name!r}; choose from {', '.join(SHAPES)}")
 
 
-def plan_variants(model: nn.Module, ratios: Sequence[float], round_to: Sequence[int]) -> list[Variant]:
-    """Dense, then every ratio at every round-to; roundings that give the same widths share one entry.
+def plan_variants(model: nn.Module, ratios: Sequence[float], round_to: Sequence[int],
+                  plans: Sequence[str] = ()) -> list[Variant]:
+    """Dense, then every ratio at every round-to (roundings that give the same widths share one entry), then the
+    widths of every real plan.
 
     Halving every layer of a LLaMA lands on multiples of 64 already (1536 -> 768, 11008 -> 5504), so at 50% the
     roundings coincide and timing them apart would only measure noise.
@@ -123,25 +181,36 @@ def plan_variants(model: nn.Module, ratios: Sequence[float], round_to: Sequence[
             keep = allocate_uniform(adapter, layers, ratio, round_to=n)
             by_widths.setdefault(tuple(sorted(keep.items())), []).append(n)
         variants += [Variant(ratio, tuple(ns)) for ns in by_widths.values()]
+    variants += [plan_variant(model, path) for path in plans]
+    labels = [v.label for v in variants]
+    if len(set(labels)) < len(labels):
+        raise InvalidRequestError(f"two variants share the label {max(labels, key=labels.count)!r}: give plans "
+                                  "from differently named folders")
     return variants
 
 
 def pruned_copy(model: nn.Module, variant: Variant, seed: int = 0) -> nn.Module:
-    """The model with `variant.ratio` of its decoder parameters removed uniformly from every layer.
+    """The model with `variant.ratio` of its decoder parameters removed uniformly from every layer, or with a real
+    plan's kept counts.
 
-    Scores are random: speed depends on the widths only. Every layer is pruned (the same widths in all of them, so
-    shapes of different depth get comparable widths). The copy starts from the dense model's tensors: surgery puts
+    Scores are random: speed depends on the widths only. Uniform variants prune every layer (the same widths in all
+    of them, so shapes of different depth get comparable widths). The copy starts from the dense model's tensors: surgery puts
     a new tensor in place of every one it prunes and never writes into the old, so memory holds the embedding,
     lm_head and whatever else is not pruned once, and no transient full-size copy of the decoder.
     """
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     pruned = copy.deepcopy(model, memo=shared)
-    adapter = adapter_for(pruned)
-    layers = list(range(len(adapter.layers())))
-    keep = allocate_uniform(adapter, layers, variant.ratio, round_to=variant.round_to[0])
+    kinds = {kind for (_, kind), _ in variant.keep}
+    adapter = adapter_for(pruned, "kv" if "kv" in kinds else "heads")
+    if variant.source is not None:
+        keep = dict(variant.keep)
+        layers = sorted({i for i, _ in keep})
+    else:
+        layers = list(range(len(adapter.layers())))
+        keep = allocate_uniform(adapter, layers, variant.ratio, round_to=variant.round_to[0])
     generator = torch.Generator().manual_seed(seed)
     scores = {(i, spec.kind): torch.rand(spec.count, generator=generator)
-              for i in layers for spec in adapter.group_specs(adapter.layers()[i])}
+              for i in layers for spec in adapter.group_specs(adapter.layers()[i]) if (i, spec.kind) in keep}
     return apply_plan(pruned, select(adapter, scores, keep)).eval()
 
 
@@ -338,7 +407,7 @@ def measure(
 def benchmark_shape(name: str, model: nn.Module, description: str, settings: SpeedSettings) -> dict:
     """Prune the variants of one shape, measure them all interleaved, and relate each speed-up to its ceiling."""
     start = time.perf_counter()
-    variants = plan_variants(model, settings.ratios, settings.round_to)
+    variants = plan_variants(model, settings.ratios, settings.round_to, settings.plans)
     models = {v.label: model if v.ratio == 0 else pruned_copy(model, v, settings.seed) for v in variants}
     dense_params = sum(p.numel() for p in model.parameters())
     rows = []
@@ -348,6 +417,8 @@ def benchmark_shape(name: str, model: nn.Module, description: str, settings: Spe
         rows.append({"label": v.label, "ratio": v.ratio, "round_to": list(v.round_to),
                      "params": sum(p.numel() for p in m.parameters()), "decoder_params": decoder,
                      "macs_per_token": macs_per_token(m), "ceiling": ceiling(model, m), "widths": layer_widths(m)})
+        if v.source is not None:
+            rows[-1].update(round_to=[], plan={"file": v.source, **plan_origin(v.source)})
     measurements = measure(models, vocab_size=model.config.vocab_size, batch_sizes=settings.batch_sizes,
                            prompt_len=settings.prompt_len, new_tokens=settings.new_tokens,
                            decode_chunk=settings.decode_chunk,
@@ -362,8 +433,8 @@ def benchmark_shape(name: str, model: nn.Module, description: str, settings: Spe
             "seconds": time.perf_counter() - start}
 
 
-def run_speed(settings: SpeedSettings, out_dir: str | Path, command: str) -> dict:
-    """Benchmark every shape and write speed.json and speed.md into `out_dir`; returns the record."""
+def run_speed(settings: SpeedSettings, out_dir: str | Path, command: str, file_stem: str = "speed") -> dict:
+    """Benchmark every shape and write FILE_STEM.json and FILE_STEM.md into `out_dir`; returns the record."""
     from hywia.eval.api import machine
     from hywia.io.checks import strict_json
 
@@ -385,8 +456,8 @@ def run_speed(settings: SpeedSettings, out_dir: str | Path, command: str) -> dic
         record["machine"] = machine()
     record["load_average_after"] = os.getloadavg()
     record["seconds"] = time.perf_counter() - start
-    (out / "speed.json").write_text(strict_json(record, indent=1))
-    (out / "speed.md").write_text(render_markdown(record))
+    (out / f"{file_stem}.json").write_text(strict_json(record, indent=1))
+    (out / f"{file_stem}.md").write_text(render_markdown(record))
     return record
 
 
@@ -414,7 +485,8 @@ def render_markdown(record: dict, goal: float = 0.9) -> str:
         f"taking turns every {s['decode_chunk']} tokens (each resumes from its own cache); tokens/s over all rows, "
         "decode steps only. `static+compile`: the same decode with a static KV cache and the forward under "
         "`torch.compile` (compiled in the warm-up, not timed).",
-        "Pruning: uniform allocation over every layer, random scores (speed depends on the widths only). "
+        "Pruning: uniform allocation over every layer, or a real prune's per-layer widths (its file below); random "
+        "choice of the groups kept (speed depends on the widths only). "
         "Repetitions are interleaved, after a warm-up; each cell is the median over repetitions of the speed-up "
         "against the dense model measured in the same repetition (every sample is in speed.json).",
         "Ceiling = dense MACs per token / pruned MACs per token, every Linear weight once (lm_head included, "
@@ -433,6 +505,7 @@ def render_markdown(record: dict, goal: float = 0.9) -> str:
                      f"{row['macs_per_token'] / 1e6:.1f}M", f"{row['ceiling']:.2f}x"]
             cells += [_cell(shape["measurements"][n], row["label"]) for n in names]
             lines.append("| " + " | ".join(cells) + " |")
+        lines += _plan_lines(shape, goal)
         for name in names:
             compile_seconds = shape["measurements"][name].get("compile_seconds")
             if compile_seconds:
@@ -442,6 +515,22 @@ def render_markdown(record: dict, goal: float = 0.9) -> str:
     after = ", ".join(f"{a:.1f}" for a in record["load_average_after"])
     lines += ["", f"Total wall time {record['seconds'] / 60:.1f} min; load average {after} at the end.", ""]
     return "\n".join(lines)
+
+
+def _plan_lines(shape: dict, goal: float) -> list[str]:
+    """Per real plan: where its widths come from, and for every measurement whether it reaches the goal."""
+    lines = []
+    for row in shape["variants"]:
+        if "plan" not in row:
+            continue
+        origin = ", ".join(f"{key} {value}" for key, value in row["plan"].items() if key != "file")
+        lines += ["", f"`{row['label']}`: widths of `{row['plan']['file']}`" + (f" ({origin})" if origin else "")
+                  + f"; {row['ratio']:.1%} of the decoder parameters removed. Goal >= {goal} of the ceiling:"]
+        for name, result in shape["measurements"].items():
+            share = result["of_ceiling"][row["label"]]
+            lines.append(f"- {name}: {'met' if share >= goal else 'not met'}, {share:.2f} "
+                         f"({result['speedup'][row['label']]:.2f}x of a {row['ceiling']:.2f}x ceiling)")
+    return lines
 
 
 def add_speed_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -469,6 +558,7 @@ def add_speed_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     flag("compile-batch-sizes", "batch sizes of that second decode measurement")
     flag("repetitions", "interleaved timed repetitions: one count, or a comma list with one per shape")
     flag("llama-layers", "decoder layers of the LLaMA-7B-shaped stack")
+    flag("plans", "comma list of hywia report.json or plan.json files whose per-layer widths are timed too, or none")
 
 
 def settings_from_args(args: argparse.Namespace) -> SpeedSettings:
@@ -481,7 +571,7 @@ def settings_from_args(args: argparse.Namespace) -> SpeedSettings:
         if isinstance(default, list) and str(text).strip().lower() == "none":
             values[key] = []
             continue
-        kind = type(default[0]) if isinstance(default, list) else type(default)
+        kind = (type(default[0]) if default else str) if isinstance(default, list) else type(default)
         try:
             items = [kind(x.strip()) for x in str(text).split(",") if x.strip()]
         except ValueError as exc:

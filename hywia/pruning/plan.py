@@ -129,20 +129,38 @@ def check_global_reachable(adapter: Adapter, layer_indices: list[int], ratio: fl
         )
 
 
+DEFAULT_ROUND_TO = 8  # the kept-width multiple when --round-to is not given: GEMM kernels' vector width on CPUs
+
+
 def check_round_to(adapter: Adapter, layer_indices: list[int], round_to: int) -> None:
     """Refuse a --round-to not below some pruned layer's MLP width: there it would round nothing, silently."""
     if round_to < 1:
         raise InvalidRequestError(f"--round-to must be >= 1, got {round_to}")
     if round_to == 1:
         return
+    narrowest = _narrowest_mlp(adapter, layer_indices)
+    if narrowest is not None and narrowest[1] <= round_to:
+        raise InvalidRequestError(
+            f"--round-to {round_to} is not below the MLP width of layer {narrowest[0]} ({narrowest[1]} channels), "
+            "so it would round nothing there; use a smaller --round-to or prune without it"
+        )
+
+
+def resolve_round_to(adapter: Adapter, layer_indices: list[int], round_to: int | None) -> int:
+    """The --round-to a run uses: a given value as is (checked by `check_round_to`); none given, DEFAULT_ROUND_TO
+    where every pruned MLP is wider than it, else 1, so the default never refuses a (tiny) model."""
+    if round_to is not None:
+        return round_to
+    narrowest = _narrowest_mlp(adapter, layer_indices)
+    return DEFAULT_ROUND_TO if narrowest is None or narrowest[1] > DEFAULT_ROUND_TO else 1
+
+
+def _narrowest_mlp(adapter: Adapter, layer_indices: list[int]) -> tuple[int, int] | None:
+    """(layer, channels) of the pruned layer with the fewest MLP channels; None when no pruned layer has an MLP."""
     layers = adapter.layers()
     widths = {i: spec.count for i in layer_indices for spec in adapter.group_specs(layers[i]) if spec.kind == "mlp"}
     narrowest = min(widths, key=widths.get, default=None)
-    if narrowest is not None and widths[narrowest] <= round_to:
-        raise InvalidRequestError(
-            f"--round-to {round_to} is not below the MLP width of layer {narrowest} ({widths[narrowest]} channels), "
-            "so it would round nothing there; use a smaller --round-to or prune without it"
-        )
+    return None if narrowest is None else (narrowest, widths[narrowest])
 
 
 def check_plan_request(
@@ -164,11 +182,41 @@ def _unit(adapter: Adapter, layer: torch.nn.Module, spec: GroupSpec) -> int:
     return _kv_count(adapter, layer) if spec.kind == "head" else 1
 
 
-def _round_keep(keep: int, count: int, unit: int, round_to: int) -> int:
-    """Round a kept count to a multiple of `round_to` (when that stays a multiple of the unit), within [unit, count]."""
-    if round_to > 1 and round_to % unit == 0 and count > round_to:
-        keep = round(keep / round_to) * round_to
-    return min(max(keep, unit), count)
+def _rounding_step(spec: GroupSpec, unit: int, round_to: int) -> int | None:
+    """The kept-count step that makes the kept width (groups x `gate_block` input columns of the output projection)
+    a multiple of `round_to` in whole units; None where it changes nothing (heads whose head_dim is already a
+    multiple of `round_to`) or where the layer cannot hold one step."""
+    step = math.lcm(unit, round_to // math.gcd(round_to, spec.gate_block))
+    return step if step > unit and spec.count > step else None
+
+
+def _round_keep(keep: int, spec: GroupSpec, unit: int, round_to: int) -> int:
+    """A kept count rounded to the nearest `_rounding_step` multiple, within [unit, count]."""
+    step = _rounding_step(spec, unit, round_to)
+    if step is not None:
+        keep = max(round(keep / step) * step, step)
+    return min(max(keep, unit), spec.count)
+
+
+def _round_keep_towards(keep: dict[LayerKind, int], adapter: Adapter, layer_indices: list[int], round_to: int,
+                        shortfall: float) -> None:
+    """Round every kept count to its `_rounding_step`, each down or up so that the parameters removed so far stay
+    closest to the unrounded allocation's plus `shortfall` (what it missed the target by): rounding errors cancel
+    across layers instead of adding up, so the achieved share stays at the request."""
+    layers = adapter.layers()
+    drift = -shortfall  # rounded removal so far - unrounded removal so far - shortfall
+    for i in layer_indices:
+        for spec in adapter.group_specs(layers[i]):
+            key, unit = (i, spec.kind), _unit(adapter, layers[i], spec)
+            step = _rounding_step(spec, unit, round_to)
+            if step is None:
+                continue
+            below = max(keep[key] // step * step, step)
+            options = {below, min(below + step, spec.count)} if below < keep[key] else {below}
+            cost = group_cost(layers[i], spec)
+            chosen = min(sorted(options), key=lambda kept: abs(drift + (keep[key] - kept) * cost))
+            drift += (keep[key] - chosen) * cost
+            keep[key] = chosen
 
 
 def allocate_uniform(
@@ -194,7 +242,7 @@ def allocate_uniform(
             unit = _unit(adapter, layers[i], spec)
             units = spec.count // unit
             drop = min(round(share * units), units - 1)
-            keep[(i, spec.kind)] = _round_keep((units - drop) * unit, spec.count, unit, round_to)
+            keep[(i, spec.kind)] = _round_keep((units - drop) * unit, spec, unit, round_to)
             removed += (spec.count - keep[(i, spec.kind)]) * group_cost(layers[i], spec)
     mlp_params = sum(group_cost(layers[i], s) * s.count for i in layer_indices for s in specs[i] if s.kind == "mlp")
     mlp_share = min(max((target - removed) / mlp_params, 0.0), 1.0) if mlp_params else 0.0
@@ -202,7 +250,7 @@ def allocate_uniform(
         for spec in specs[i]:
             if spec.kind == "mlp":
                 kept = spec.count - round(mlp_share * spec.count)
-                keep[(i, "mlp")] = _round_keep(kept, spec.count, 1, round_to)
+                keep[(i, "mlp")] = _round_keep(kept, spec, 1, round_to)
     return keep
 
 
@@ -249,10 +297,7 @@ def allocate_global(
             "widen --layers or lower --ratio"
         )
     if round_to > 1:
-        for i in layer_indices:
-            for spec in adapter.group_specs(layers[i]):
-                key = (i, spec.kind)
-                keep[key] = _round_keep(keep[key], spec.count, _unit(adapter, layers[i], spec), round_to)
+        _round_keep_towards(keep, adapter, layer_indices, round_to, target - removed)
     return keep
 
 

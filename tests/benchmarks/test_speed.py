@@ -14,11 +14,14 @@ from benchmarks.harness.speed import (
     compiled_twin,
     macs_per_token,
     measure,
+    plan_origin,
+    plan_variant,
     plan_variants,
     pruned_copy,
     render_markdown,
     static_cache,
 )
+from hywia.errors import InvalidRequestError
 from hywia.models import adapter_for
 
 # tiny llama of conftest: hidden 64, head_dim 16, 4 query / 2 KV heads, MLP 96, vocab 300
@@ -74,6 +77,63 @@ def test_roundings_that_give_the_same_widths_share_one_variant(tiny_model_factor
     # 1000 exceeds every width, so it rounds nothing: the same model as round-to 1
     variants = plan_variants(model, [0.3], [1, 1000, 16])
     assert [v.label for v in variants] == ["dense", "30% round-to 1/1000", "30% round-to 16"]
+
+
+def _real_prune(model, folder):
+    """A global, rounded plan of a copy of `model`, saved as a prune's plan.json and report.json in `folder`."""
+    import copy
+
+    from hywia.pruning import allocate_global, apply_plan, select
+
+    adapter = adapter_for(model)
+    generator = torch.Generator().manual_seed(1)
+    scores = {(i, s.kind): torch.rand(s.count, generator=generator)
+              for i in (1, 2) for s in adapter.group_specs(adapter.layers()[i])}
+    plan = select(adapter, scores, allocate_global(adapter, [1, 2], 0.15, scores, round_to=8))
+    pruned = apply_plan(copy.deepcopy(model), plan)
+    folder.mkdir()
+    (folder / "plan.json").write_text(json.dumps(plan.to_dict()))
+    widths = [adapter_for(pruned).widths(layer) for layer in adapter_for(pruned).layers()]
+    (folder / "report.json").write_text(json.dumps({"layers": widths, "recipe": {"prune": {"ratio": 0.15,
+                                                                                          "round_to": 8}}}))
+    return pruned, widths
+
+
+def test_a_real_plan_is_timed_at_its_own_widths(tiny_model_factory, tmp_path):
+    model = tiny_model_factory("llama", layers=4)
+    pruned, widths = _real_prune(model, tmp_path / "run-a")
+    share = 1 - adapter_for(pruned).num_decoder_params() / adapter_for(model).num_decoder_params()
+    from_report = plan_variant(model, tmp_path / "run-a" / "report.json")
+    from_plan = plan_variant(model, tmp_path / "run-a" / "plan.json")
+    assert from_report.keep and from_report.keep == from_plan.keep and from_report.ratio == pytest.approx(share)
+    assert from_report.label == f"run-a ({share:.1%})"
+    (tmp_path / "kept-widths.json").write_text((tmp_path / "run-a" / "report.json").read_text())
+    assert plan_variant(model, tmp_path / "kept-widths.json").label == f"kept-widths ({share:.1%})"
+    copy_ = pruned_copy(model, from_report)
+    assert [adapter_for(copy_).widths(layer) for layer in adapter_for(copy_).layers()] == widths
+    assert macs_per_token(copy_) == macs_per_token(pruned)
+    assert plan_origin(from_report.source) == {"ratio": 0.15, "round_to": 8} and plan_origin(from_plan.source) == {}
+    with pytest.raises(InvalidRequestError, match="two variants share the label"):
+        plan_variants(model, [], [1], [from_report.source, from_report.source])
+
+
+def test_run_speed_writes_the_files_it_is_told(tiny_model_factory, tmp_path, monkeypatch):
+    import benchmarks.harness.speed as harness
+
+    model = tiny_model_factory("llama", layers=2)
+    monkeypatch.setattr(harness, "build_shape", lambda name, layers, seed: (model, "tiny random llama"))
+    settings = SpeedSettings(shapes=["smollm2-135m"], ratios=[0.3], round_to=[1], batch_sizes=[1], prompt_len=8,
+                             new_tokens=3, compile_shapes=[], repetitions=[1])
+    harness.run_speed(settings, tmp_path, "speed --name speed-default", "speed-default")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speed-default.json", "speed-default.md"]
+
+
+def test_a_plan_of_another_shape_is_refused(tiny_model_factory, tmp_path):
+    _real_prune(tiny_model_factory("llama", layers=4), tmp_path / "run-a")
+    with pytest.raises(InvalidRequestError, match="has 4 layers, the model 2"):
+        plan_variant(tiny_model_factory("llama", layers=2), tmp_path / "run-a" / "report.json")
+    with pytest.raises(InvalidRequestError, match="layer 1 mlp keeps .* cannot hold"):
+        plan_variant(tiny_model_factory("llama", layers=4, mlp=8), tmp_path / "run-a" / "plan.json")
 
 
 def test_repetitions_per_shape():
@@ -156,14 +216,20 @@ def test_speed_script_dispatches_with_its_settings(monkeypatch, capsys):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     calls = []
-    monkeypatch.setattr(script, "run_speed", lambda settings, out_dir, command: calls.append((settings, command)))
+    monkeypatch.setattr(script, "run_speed",
+                        lambda settings, out_dir, command, name: calls.append((settings, command, name)))
     monkeypatch.setattr(script, "render_markdown", lambda record: "table")
     assert script.main(["--repetitions", "1", "--shapes", "smollm2-135m", "--seed", "3"]) == 0
-    settings, command = calls[0]
+    settings, command, name = calls[0]
     assert settings.shapes == ["smollm2-135m"] and settings.repetitions_of("smollm2-135m") == 1
     assert (settings.seed, settings.ratios) == (3, [0.2, 0.5])
     assert command.startswith("python benchmarks/speed.py --shapes smollm2-135m")
     assert "--round-to 1,8,64" in command and "table" in capsys.readouterr().out
+    assert name == "speed" and "--name" not in command
+    assert script.main(["--repetitions", "1", "--plans", "a/report.json", "--name", "speed-default"]) == 0
+    settings, command, name = calls[1]
+    assert settings.plans == ["a/report.json"] and name == "speed-default"
+    assert command.endswith("--plans a/report.json --seed 0 --name speed-default")
 
 
 def test_the_cli_has_no_speed_benchmark():

@@ -3,8 +3,9 @@ import pytest
 from hywia.errors import InvalidRequestError
 from hywia.models import adapter_for
 from hywia.pruning import allocate_uniform, apply_plan, check_plan_request, parse_layers, select
-from hywia.pruning.plan import (GLOBAL_FLOOR, GLOBAL_TOLERANCE, check_global_reachable, check_round_to,
-                                max_removable_share)
+from hywia.pruning.plan import (DEFAULT_ROUND_TO, GLOBAL_FLOOR, GLOBAL_TOLERANCE, allocate_global,
+                                check_global_reachable, check_round_to, group_cost, max_removable_share,
+                                resolve_round_to)
 import torch
 
 
@@ -87,12 +88,8 @@ def test_global_allocation_refuses_an_unreachable_ratio(tiny_model_factory):
 
 @pytest.mark.parametrize("round_to", [8, 32])
 def test_round_to_gives_multiples_and_keeps_the_ratio(tiny_model_factory, round_to):
-    model = tiny_model_factory("llama", heads=8, kv_heads=2, layers=6)
-    with torch.no_grad():  # widen the MLP so rounding has room: 6 layers x 256 channels
-        for layer in model.model.layers:
-            layer.mlp.gate_proj = torch.nn.Linear(64, 256, bias=False)
-            layer.mlp.up_proj = torch.nn.Linear(64, 256, bias=False)
-            layer.mlp.down_proj = torch.nn.Linear(256, 64, bias=False)
+    # a wide MLP so rounding has room: 6 layers x 256 channels
+    model = tiny_model_factory("llama", heads=8, kv_heads=2, layers=6, mlp=256)
     adapter = adapter_for(model)
     keep = allocate_uniform(adapter, parse_layers("1:5", 6), 0.3, round_to=round_to)
     assert all(v % round_to == 0 for (i, kind), v in keep.items() if kind == "mlp")
@@ -118,6 +115,52 @@ def test_layers_bounds_may_be_empty_or_negative_but_not_outside_the_model():
     for spec in ("5:2", "-1:-3", "10:"):
         with pytest.raises(InvalidRequestError, match="selects no layer of the model's 10 layers"):
             parse_layers(spec, 10)
+
+
+def test_the_default_round_to_is_8_where_every_pruned_mlp_is_wider(tiny_model_factory):
+    adapter = adapter_for(tiny_model_factory("llama", layers=6))  # MLP width 96
+    assert resolve_round_to(adapter, [1, 2], None) == DEFAULT_ROUND_TO == 8
+    assert (resolve_round_to(adapter, [1, 2], 1), resolve_round_to(adapter, [1, 2], 32)) == (1, 32)
+    keep = allocate_uniform(adapter, [1, 2, 3, 4], 0.3, round_to=resolve_round_to(adapter, [1, 2, 3, 4], None))
+    mlp = [v for (_, kind), v in keep.items() if kind == "mlp"]
+    assert all(v % 8 == 0 for v in mlp) and all(v < 96 for v in mlp)
+
+
+def test_the_default_round_to_leaves_a_narrow_mlp_alone(tiny_model_factory):
+    adapter = adapter_for(tiny_model_factory("llama", layers=6, mlp=8))
+    assert resolve_round_to(adapter, [1, 2], None) == 1
+    with pytest.raises(InvalidRequestError, match="--round-to 8 is not below the MLP width of layer 1 \\(8"):
+        check_round_to(adapter, [1, 2], 8)
+
+
+def test_heads_are_rounded_only_where_head_dim_is_no_multiple_of_n(tiny_model_factory):
+    layers = [1, 2, 3, 4]
+    # head_dim 16: any head count gives a width that is a multiple of 8 and 16, so heads stay as allocated
+    adapter = adapter_for(tiny_model_factory("llama", heads=4, kv_heads=2, layers=6))
+    unrounded = allocate_uniform(adapter, layers, 0.3, round_to=1)
+    for n in (8, 16):
+        keep = allocate_uniform(adapter, layers, 0.3, round_to=n)
+        assert [keep[(i, "head")] for i in layers] == [unrounded[(i, "head")] for i in layers]
+    # head_dim 8, 2 KV groups: a width that is a multiple of 32 takes a multiple of 4 heads (2 per KV group)
+    adapter = adapter_for(tiny_model_factory("llama", heads=8, kv_heads=2, layers=6, mlp=256))
+    unrounded = allocate_uniform(adapter, layers, 0.2, round_to=1)
+    keep = allocate_uniform(adapter, layers, 0.2, round_to=32)
+    assert any(unrounded[(i, "head")] % 4 for i in layers)
+    assert all(keep[(i, "head")] % 4 == 0 and keep[(i, "head")] * 8 % 32 == 0 for i in layers)
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_global_allocation_with_rounding_stays_within_a_point_of_the_ratio(tiny_model_factory, ratio):
+    adapter = adapter_for(tiny_model_factory("llama", heads=8, kv_heads=2, layers=12, mlp=256))
+    layers = parse_layers(None, 12)
+    generator = torch.Generator().manual_seed(0)
+    scores = {(i, s.kind): torch.rand(s.count, generator=generator)
+              for i in layers for s in adapter.group_specs(adapter.layers()[i])}
+    keep = allocate_global(adapter, layers, ratio, scores, round_to=8)
+    assert all(v % 8 == 0 for (_, kind), v in keep.items() if kind == "mlp")
+    removed = sum((s.count - keep[(i, s.kind)]) * group_cost(adapter.layers()[i], s)
+                  for i in layers for s in adapter.group_specs(adapter.layers()[i]))
+    assert abs(removed / adapter.num_decoder_params() - ratio) < 0.01
 
 
 def test_round_to_must_be_below_every_pruned_mlp_width(tiny_model_factory):
