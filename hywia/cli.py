@@ -143,6 +143,7 @@ def _add_eval_parser(commands) -> None:
 
 def _add_bench_parser(commands) -> None:
     from .bench import CROSS_DOMAIN_TEXTS, DEFAULT_CRITERIA, DEFAULT_LIMIT
+    from .data.text import DEFAULT_CALIBRATION
 
     p = commands.add_parser("bench", help="prune with several criteria and ratios, evaluate each side by side")
     _add_model_flags(p)
@@ -152,8 +153,9 @@ def _add_bench_parser(commands) -> None:
                         "@compensate=bias")
     p.add_argument("--prune-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra hywia.prune argument for every run (repeatable), e.g. allocation=global")
-    p.add_argument("--calib", default=None,
-                   help="built-in source (lambada, wiki, mix) or a UTF-8 .txt, .jsonl (field 'text') or .json file [lambada]")
+    p.add_argument("--calib", default=DEFAULT_CALIBRATION,
+                   help="built-in source (mix, lambada, wiki) or a UTF-8 .txt, .jsonl (field 'text') or .json file "
+                        f"[{DEFAULT_CALIBRATION}]")
     p.add_argument("--calib-samples", type=int, default=64)
     _add_measure_flags(p, CROSS_DOMAIN_TEXTS, DEFAULT_LIMIT)
     p.add_argument("--out-dir", default="bench", help="folder for bench.json, bench.md and the PNG plots")

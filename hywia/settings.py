@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .data.text import DEFAULT_CALIBRATION
 from .errors import InvalidRequestError
 
 
@@ -138,8 +139,8 @@ class PruneConfig:
 class CalibrationConfig:
     """The calibration windows every stage reads (statistics, the fusion, compensation)."""
 
-    calib: str | None = _setting(None, "built-in source (lambada, wiki, mix) or a UTF-8 .txt, .jsonl (field 'text') "
-                                          "or .json file; default: LAMBADA passages")
+    calib: str | None = _setting(DEFAULT_CALIBRATION, "built-in source (mix, lambada, wiki) or a UTF-8 .txt, .jsonl (field "
+                                           "'text') or .json file")
     calib_samples: int = _setting(64, "calibration windows")
     seq_len: int = _setting(128, "tokens per window (calibration and perplexity)")
 

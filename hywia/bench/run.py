@@ -28,7 +28,7 @@ from ..importance.fusion import spearman
 from ..importance.taylor import taylor_scores
 from ..measure import StageLog, count_params, peak_rss_mb, reset_peak_rss, status_mb
 from ..models import adapter_for
-from ..data.text import BUILTIN_TEXTS, calibration_description
+from ..data.text import BUILTIN_TEXTS, DEFAULT_CALIBRATION, LEGACY_CALIBRATION, calibration_description
 from ..pipeline import Pipeline, PreparedRun
 from ..settings import CalibrationConfig, PruneConfig, RuntimeConfig
 from .plots import plot_agreement, plot_alpha, plot_widths
@@ -140,7 +140,7 @@ def run(
     ppl_texts: str | Sequence[str] = ("lambada", "coqa"),
     ppl_tokens: int = 16384,
     seq_len: int = 128,
-    calib: str | Path | None = None,
+    calib: str | Path | None = DEFAULT_CALIBRATION,
     calib_samples: int = 64,
     prune_kwargs: dict | None = None,
     out_dir: str | Path = "bench",
@@ -175,7 +175,7 @@ def run(
         "command": command,
         "settings": {**measure, "ratios": ratios, "criteria": [v.label for v in variants],
                      "calibration": {"text": calibration_description(calibration.calib),
-                                     "source": calibration.calib or "lambada", "samples": calib_samples, "seq_len": seq_len, "seed": seed},
+                                     "source": calibration.calib or LEGACY_CALIBRATION, "samples": calib_samples, "seq_len": seq_len, "seed": seed},
                      "prune_kwargs": common},
         "runs": [],
     }
