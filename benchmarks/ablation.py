@@ -46,8 +46,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model, tokenizer = load_model(args.model)
-    pipeline = Pipeline(model, tokenizer, calibration=CalibrationConfig(calib_samples=args.calib_samples,
-                                                                        seq_len=args.seq_len), progress=False)
+    calibration = CalibrationConfig(calib="lambada", calib_samples=args.calib_samples, seq_len=args.seq_len)
+    pipeline = Pipeline(model, tokenizer, calibration=calibration, progress=False)
     layers = pipeline.layer_indices
     texts = {name: heldout_windows(tokenizer, name, args.seq_len, args.eval_tokens) for name in args.texts.split(",")}
     runs = [pipeline.prepare(PruneConfig(ratio=float(ratio), criterion=criterion, allocation=allocation,
