@@ -33,24 +33,24 @@ def geometric_mean(evaluation: dict, texts: list[str]) -> float:
     return math.exp(sum(math.log(evaluation["perplexity"][text]["ppl"]) for text in texts) / len(texts))
 
 
-def summarise(records: list[dict]) -> dict:
-    """Per (criterion entry, ratio): the geometric mean over the foreign texts under each calibration source."""
+def summarise(records: list[dict], names: list[str]) -> dict:
+    """Per (criterion entry, ratio): the geometric mean over the foreign texts under each bench (`names`: one per
+    record, e.g. its calibration source)."""
     foreign = foreign_texts(records)
     rows: dict[tuple[str, float], dict[str, float]] = {}
-    for record in records:
-        source = record["settings"]["calibration"]["source"]
+    for record, source in zip(records, names):
         rows.setdefault(("dense", 0.0), {})[source] = geometric_mean(record["dense"], foreign)
         for run in record["runs"]:
             rows.setdefault((run["label"], run["ratio"]), {})[source] = geometric_mean(run["eval"], foreign)
-    return {"foreign_texts": foreign, "sources": [r["settings"]["calibration"]["source"] for r in records],
+    return {"foreign_texts": foreign, "sources": names,
             "rows": [{"label": label, "ratio": ratio, "gm": gm} for (label, ratio), gm in rows.items()]}
 
 
 def render(records: list[dict], summary: dict, paths: list[str]) -> str:
     sources = summary["sources"]
     lines = [f"Geometric-mean perplexity on the texts foreign to every source ({', '.join(summary['foreign_texts'])}), "
-             "per calibration source (- = not reached):", "",
-             "| run | ratio | " + " | ".join(f"calib {s}" for s in sources) + " |",
+             "per bench (named by its file; - = not run or not reached):", "",
+             "| run | ratio | " + " | ".join(f"`{s}`" for s in sources) + " |",
              "|---|---|" + "---|" * len(sources)]
     for row in summary["rows"]:
         cells = [f"{row['gm'][s]:.2f}" if s in row["gm"] else "-" for s in sources]
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--name", default="crossdomain-bench")
     args = parser.parse_args()
     records = [json.loads(Path(path).read_text()) for path in args.benches]
-    summary = summarise(records)
+    summary = summarise(records, [Path(path).stem for path in args.benches])
     text = render(records, summary, args.benches)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"benches": args.benches, **summary}, indent=1) + "\n")
     (RESULTS / f"{args.name}.md").write_text(text)
