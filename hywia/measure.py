@@ -41,19 +41,19 @@ def status_mb(field_name: str) -> float | None:
 def release_freed_memory() -> None:
     """Hand memory that has been freed back to the OS (glibc keeps it otherwise: the process's memory creeps up
     from fragmentation, and a later stage's peak would start from what an earlier one left); elsewhere a no-op."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    trim = getattr(LIBC, "malloc_trim", None)  # glibc only
+    if trim is not None:
+        trim(0)
 
 
-def _load_libc():
+def _load_libc() -> ctypes.CDLL | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return None
-    return libc if hasattr(libc, "malloc_trim") else None
 
 
-_LIBC = _load_libc()
+LIBC = _load_libc()  # the C library where it loads: malloc_trim here, madvise in hywia.io.mapped
 
 
 def reset_peak_rss() -> bool:

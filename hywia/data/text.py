@@ -118,7 +118,7 @@ def mixed_passages() -> list[str]:
 
 
 def calibration_passages() -> list[str]:
-    """The calibration part of the LAMBADA passages (the default calibration source)."""
+    """The calibration part of the LAMBADA passages (the `lambada` source; half of the default `mix`)."""
     return lambada_passages()[:-HELDOUT_PASSAGES]
 
 
@@ -133,7 +133,7 @@ CALIBRATION_SOURCES = {
     # SQuAD rather than BoolQ paragraphs: BoolQ is a zero-shot task of the paper, and a default should not
     # calibrate on an evaluation set's passages.
     "mix": ("LAMBADA calibration part (fiction) and SQuAD paragraphs (Wikipedia), half each, shuffled together",
-            lambda: mixed_passages()),
+            mixed_passages),
 }
 # The held-out built-in texts of a calibration source's genres (its own held-out parts, or the same genre from
 # another source): in-domain for it, never judged on.

@@ -16,7 +16,6 @@ already moved) nothing happens.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import sys
 from contextlib import contextmanager
@@ -26,17 +25,13 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..measure import LIBC
+
 MADV_DONTNEED = 4
 
 
 def _load_madvise():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-    madvise = getattr(libc, "madvise", None)
+    madvise = getattr(LIBC, "madvise", None) if sys.platform.startswith("linux") else None
     if madvise is not None:
         madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         madvise.restype = ctypes.c_int

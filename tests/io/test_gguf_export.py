@@ -52,6 +52,15 @@ def _tensor(reader: gguf.GGUFReader, name: str) -> gguf.ReaderTensor:
     return next(t for t in reader.tensors if t.name == name)
 
 
+def _tokenizer_keys_copied(original_path, exported_path) -> tuple[list[str], gguf.GGUFReader]:
+    """Every tokenizer.* field of the original GGUF, checked equal in the export; returns its keys and the export."""
+    original, exported = gguf.GGUFReader(original_path), gguf.GGUFReader(exported_path)
+    keys = sorted(name for name in original.fields if name.startswith("tokenizer."))
+    for key in keys:
+        assert exported.fields[key].contents() == original.fields[key].contents(), key
+    return keys, exported
+
+
 def _unpermute(rows: np.ndarray, n_heads: int) -> np.ndarray:
     """The inverse of permute_rope_rows, written independently: pairs (2i, 2i+1) back to halves (i, i + d/2)."""
     head_dim = rows.shape[0] // n_heads
@@ -405,11 +414,8 @@ def test_smollm2_export_keeps_the_original_tokenizer(smollm2_pruned):
 
     _, result = smollm2_pruned
     assert result.arch == "deci" and result.tokenizer == "embedded SmolLM2 GGUF"
-    original, exported = gguf.GGUFReader(smollm2_gguf()), gguf.GGUFReader(result.path)
-    keys = sorted(name for name in original.fields if name.startswith("tokenizer."))
+    keys, exported = _tokenizer_keys_copied(smollm2_gguf(), result.path)
     assert "tokenizer.ggml.pre" in keys and "tokenizer.chat_template" in keys
-    for key in keys:
-        assert exported.fields[key].contents() == original.fields[key].contents(), key
     assert "output.weight" not in {t.name for t in exported.tensors}  # tied: llama.cpp reuses token_embd
 
 
@@ -440,11 +446,8 @@ def test_gemma3_export_keeps_the_original_tokenizer(gemma3_pruned):
 
     _, result = gemma3_pruned
     assert result.arch == "gemma3" and result.tokenizer == "embedded Gemma-3-270M GGUF"
-    original, exported = gguf.GGUFReader(gemma3_gguf()), gguf.GGUFReader(result.path)
-    keys = sorted(name for name in original.fields if name.startswith("tokenizer."))
+    keys, _ = _tokenizer_keys_copied(gemma3_gguf(), result.path)
     assert "tokenizer.ggml.scores" in keys
-    for key in keys:
-        assert exported.fields[key].contents() == original.fields[key].contents(), key
 
 
 @pytest.mark.slow
