@@ -25,7 +25,7 @@ from .models import ATTENTION_MODES, Adapter, LayerKind, adapter_for
 from .pruning import (PruningPlan, allocate_global, allocate_uniform, apply_plan, check_plan_request, parse_layers,
                       select)
 from .pruning.compensate import compensate
-from .pruning.plan import resolve_round_to
+from .pruning.plan import log_depth_weights, resolve_round_to
 from .pruning.methods import parse_allocation, parse_compensation
 from .settings import CalibrationConfig, PruneConfig, RuntimeConfig, format_spec
 
@@ -117,7 +117,8 @@ class Pipeline:
         check_plan_request(self.adapter, self.layers, config.ratio, config.round_to, floor)
         if getattr(compensation[1], "holdout", 0) > 0 and self.calibration.calib_samples < 2:
             raise InvalidRequestError("lstsq:holdout needs at least 2 calibration windows (--calib-samples)")
-        keep = allocate_uniform(self.adapter, self.layer_indices, config.ratio, config.round_to)
+        depth_weights = log_depth_weights(self.layer_indices) if allocation[0] == "log" else None
+        keep = allocate_uniform(self.adapter, self.layer_indices, config.ratio, config.round_to, depth_weights)
         return PreparedRun(config, criterion, allocation, compensation, keep)
 
     def calibrate(self, runs: list[PreparedRun], *, gradients: bool = False) -> None:

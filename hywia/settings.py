@@ -123,8 +123,9 @@ class PruneConfig:
 
     ratio: float | None = _setting(None, "share of all decoder-layer parameters to remove, in (0, 1)")
     criterion: str = _setting("hywia", "importance criterion, with its own settings as NAME[:KEY=VALUE]...")
-    allocation: str = _setting("global", "uniform: the same share from every pruned layer; global: the groups of "
-                                         "all pruned layers ranked together, each layer keeping at least FLOOR")
+    allocation: str = _setting("global", "uniform: the same share from every pruned layer; log: a share growing "
+                                         "with the log of the layer's depth (SlimGPT); global: the groups of all "
+                                         "pruned layers ranked together, each layer keeping at least FLOOR")
     compensate: str = _setting("lstsq", "bias: fold the removed groups' mean output into a bias (FLAP); lstsq: "
                                         "refit the kept columns by least squares, ridge RIDGE x the mean diagonal")
     attention: str = _setting("heads", "remove query heads evenly per KV group, whole KV groups, or no attention "

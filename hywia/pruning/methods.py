@@ -31,12 +31,12 @@ class LeastSquares:
             raise ValueError(f"holdout must lie in [0, 1), got {self.holdout}")
 
 
-ALLOCATIONS: dict[str, type] = {"uniform": NoSettings, "global": GlobalAllocation}
+ALLOCATIONS: dict[str, type] = {"uniform": NoSettings, "log": NoSettings, "global": GlobalAllocation}
 COMPENSATIONS: dict[str, type] = {"none": NoSettings, "bias": NoSettings, "lstsq": LeastSquares}
 
 
 def parse_allocation(spec: str) -> tuple[str, NoSettings | GlobalAllocation]:
-    """`uniform` or `global[:floor=F]`."""
+    """`uniform`, `log` or `global[:floor=F]`."""
     return parse_spec(spec, ALLOCATIONS, "allocation")
 
 

@@ -219,17 +219,30 @@ def _round_keep_towards(keep: dict[LayerKind, int], adapter: Adapter, layer_indi
             keep[key] = chosen
 
 
+def log_depth_weights(layer_indices: list[int]) -> dict[int, float]:
+    """Each pruned layer's share of the removal relative to the mean, growing with the log of its position in the
+    pruned range (1, 2, ... n -> log 2, log 3, ... log(n + 1), scaled to mean 1): SlimGPT's incremental pruning
+    ratio, which spares the early layers whose errors every later layer carries."""
+    raw = [math.log(position + 2) for position in range(len(layer_indices))]
+    mean = sum(raw) / len(raw)
+    return {layer: value / mean for layer, value in zip(layer_indices, raw)}
+
+
 def allocate_uniform(
-    adapter: Adapter, layer_indices: list[int], ratio: float, round_to: int = 1
+    adapter: Adapter, layer_indices: list[int], ratio: float, round_to: int = 1,
+    depth_weights: dict[int, float] | None = None,
 ) -> dict[LayerKind, int]:
     """How many groups of each (layer, kind) to keep so that `ratio` of all decoder parameters goes.
 
     Every pruned layer loses the same share of its attention (rounded to whole heads per KV group) and the MLP
-    channels absorb the rest, so the achieved share matches the request to within a few channels.
+    channels absorb the rest, so the achieved share matches the request to within a few channels. With
+    `depth_weights` (`log_depth_weights`), layer i's shares are the common ones times its weight instead (each
+    capped so that one unit of every kind stays), the MLP share solved so that the total still matches.
     """
     check_uniform_reachable(adapter, layer_indices, ratio)
     layers = adapter.layers()
     specs = {i: adapter.group_specs(layers[i]) for i in layer_indices}
+    weights = depth_weights or {i: 1.0 for i in layer_indices}
     target = ratio * adapter.num_decoder_params()
     prunable = sum(group_cost(layers[i], s) * s.count for i in layer_indices for s in specs[i])
     share = target / prunable
@@ -241,16 +254,24 @@ def allocate_uniform(
                 continue
             unit = _unit(adapter, layers[i], spec)
             units = spec.count // unit
-            drop = min(round(share * units), units - 1)
+            drop = min(round(share * weights[i] * units), units - 1)
             keep[(i, spec.kind)] = _round_keep((units - drop) * unit, spec, unit, round_to)
             removed += (spec.count - keep[(i, spec.kind)]) * group_cost(layers[i], spec)
-    mlp_params = sum(group_cost(layers[i], s) * s.count for i in layer_indices for s in specs[i] if s.kind == "mlp")
+    mlps = [(i, spec, group_cost(layers[i], spec)) for i in layer_indices for spec in specs[i] if spec.kind == "mlp"]
+
+    def mlp_removed(mlp_share: float) -> float:
+        return sum(min(mlp_share * weights[i], 1.0) * spec.count * cost for i, spec, cost in mlps)
+
+    mlp_params = sum(spec.count * cost for _, spec, cost in mlps)
     mlp_share = min(max((target - removed) / mlp_params, 0.0), 1.0) if mlp_params else 0.0
-    for i in layer_indices:
-        for spec in specs[i]:
-            if spec.kind == "mlp":
-                kept = spec.count - round(mlp_share * spec.count)
-                keep[(i, "mlp")] = _round_keep(kept, spec, 1, round_to)
+    if depth_weights and mlp_params:  # bisection: the capped removal grows monotonically with the common share
+        low, mlp_share = 0.0, 1.0 / min(weights[i] for i, _, _ in mlps)
+        for _ in range(60):
+            middle = (low + mlp_share) / 2
+            low, mlp_share = (middle, mlp_share) if mlp_removed(middle) < target - removed else (low, middle)
+    for i, spec, _ in mlps:
+        kept = spec.count - round(min(mlp_share * weights[i], 1.0) * spec.count)
+        keep[(i, "mlp")] = _round_keep(kept, spec, 1, round_to)
     return keep
 
 

@@ -10,7 +10,7 @@ from hywia.models import adapter_for
 from hywia.pruning import allocate_uniform, select
 
 ALL = ["random", "magnitude", "taylor-vector", "taylor-element1", "taylor-element2", "wanda-sp", "flap", "fixed:0.5",
-       "hywia"]
+       "hywia", "obs"]
 
 
 def _context(model, seed=0, attention="heads", ratio=0.3, path="layerwise"):

@@ -212,3 +212,21 @@ def test_plan_request_checks_layers_round_to_and_the_allocation(tiny_model_facto
     assert check_plan_request(adapter, "2:4", 0.2, 1, None) == [2, 3]
     with pytest.raises(InvalidRequestError, match="--allocation global"):
         check_plan_request(adapter, "2:4", 0.2, 1, GLOBAL_FLOOR)
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_log_allocation_removes_more_from_deeper_layers_and_keeps_the_ratio(tiny_model_factory, ratio):
+    from hywia.pruning.plan import log_depth_weights
+
+    model = tiny_model_factory("llama", heads=8, kv_heads=2, layers=8)
+    adapter = adapter_for(model, "heads")
+    layers = parse_layers("1:7", 8)
+    weights = log_depth_weights(layers)
+    assert sum(weights.values()) / len(weights) == pytest.approx(1.0)
+    keep = allocate_uniform(adapter, layers, ratio, depth_weights=weights)
+    mlp_kept = [keep[(i, "mlp")] for i in layers]
+    assert mlp_kept == sorted(mlp_kept, reverse=True) and mlp_kept[0] > mlp_kept[-1]
+    scores = {(i, s.kind): torch.rand(s.count) for i in layers for s in adapter.group_specs(adapter.layers()[i])}
+    before = adapter.num_decoder_params()
+    apply_plan(model, select(adapter, scores, keep))
+    assert abs(1 - adapter_for(model, "heads").num_decoder_params() / before - ratio) < 0.01
