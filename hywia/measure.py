@@ -66,7 +66,7 @@ def reset_peak_rss() -> bool:
 
 
 class StageLog:
-    """Seconds and peak memory of each named stage of a run, in the order they ran.
+    """Wall and CPU seconds and peak memory of each named stage of a run, in the order they ran.
 
     On Linux each stage's peak RSS is its own (the peak mark is reset on entry); elsewhere it is the process peak so
     far and `rss_scope` says so. On a GPU the CUDA peak (allocated memory) is recorded too. Resetting the mark
@@ -83,11 +83,13 @@ class StageLog:
         if _cuda_in_use():  # never initialised here: a CPU run on a GPU machine keeps the GPU untouched
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
-            entry = {"seconds": round(time.perf_counter() - started, 3)}
+            # CPU seconds of the whole process (every thread): the steadier cost on a shared machine
+            entry = {"seconds": round(time.perf_counter() - started, 3),
+                     "cpu_seconds": round(time.process_time() - cpu_started, 3)}
             peak = status_mb("VmHWM") if scoped else None
             entry["peak_rss_mb"] = peak if peak is not None else round(peak_rss_mb(), 1)
             entry["rss_scope"] = "stage" if peak is not None else "process"
@@ -96,7 +98,7 @@ class StageLog:
                 entry["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             previous = self.stages.get(name)
             if previous is not None:  # a stage run twice (one per variant): the sum of seconds, the larger peaks
-                entry = {key: (previous[key] + value if key == "seconds" else
+                entry = {key: (previous[key] + value if key in ("seconds", "cpu_seconds") else
                                max(previous[key], value) if isinstance(value, float) else value)
                          for key, value in entry.items()}
             self.stages[name] = entry

@@ -242,14 +242,18 @@ def _stage_table(record: dict) -> list[str]:
         return []
 
     def cell(entry: dict | None) -> str:
-        return "" if entry is None else f"{entry['seconds']:.1f} s / {entry['peak_rss_mb']:.0f} MB"
+        if entry is None:
+            return ""
+        cpu = f" ({entry['cpu_seconds']:.1f} CPU s)" if "cpu_seconds" in entry else ""
+        return f"{entry['seconds']:.1f} s{cpu} / {entry['peak_rss_mb']:.0f} MB"
 
     rows = [[f"calibration pass ({entry['samples']} windows, layers {entry['layers'] or 'default'})", "",
              cell(entry)] + [""] * (len(stages) - 1) for entry in record.get("calibration_passes", [])]
     rows += [[f"`{run['label']}`", f"{run['ratio']:g}"] + [cell(run["report"].get("stages", {}).get(name))
                                                             for name in stages] for run in record["runs"]]
     header = ["run", "ratio", *stages]
-    return ["Cost per stage (wall seconds / peak resident MB within the stage; one calibration pass serves every run "
+    return ["Cost per stage (wall seconds, the process's CPU seconds in brackets / peak resident MB within the stage; "
+            "one calibration pass serves every run "
             "of its layer range):", "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
             *("| " + " | ".join(row) + " |" for row in rows)]
 

@@ -258,11 +258,11 @@ def test_report_ranks_by_the_separating_average_and_shows_it_beside_the_headline
 def test_report_gives_every_stage_its_seconds_and_peak():
     from hywia.bench.report import _stage_table
 
-    stage = {"seconds": 2.0, "peak_rss_mb": 900.0}
+    stage = {"seconds": 2.0, "cpu_seconds": 1.5, "peak_rss_mb": 900.0}
     record = {"calibration_passes": [{"samples": 8, "layers": None, "seconds": 5.0, "peak_rss_mb": 800.0}],
               "runs": [{"label": "hywia", "ratio": 0.2,
                         "report": {"stages": {"score": stage, "plan": stage, "compensate": stage, "cut": stage}}}]}
     lines = _stage_table(record)
     assert lines[2] == "| run | ratio | calibrate | score | plan | compensate | cut |"
     assert lines[4].startswith("| calibration pass (8 windows, layers default) |  | 5.0 s / 800 MB |")
-    assert lines[5] == "| `hywia` | 0.2 |  | " + " | ".join(["2.0 s / 900 MB"] * 4) + " |"
+    assert lines[5] == "| `hywia` | 0.2 |  | " + " | ".join(["2.0 s (1.5 CPU s) / 900 MB"] * 4) + " |"
