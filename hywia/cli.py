@@ -351,6 +351,10 @@ def print_summary(report: dict) -> None:
     if report.get("fusion", {}).get("alpha_mean"):
         rows.append(("learned blend, mean alpha", ", ".join(
             f"{view} {weight:.3f}" for view, weight in report["fusion"]["alpha_mean"].items())))
+    if report.get("fusion", {}).get("held_out_loss"):
+        fusion = report["fusion"]
+        rows.append((f"kept (held-out LM loss, {fusion['held_out_windows']} windows)", f"{fusion['choice']}: " + ", ".join(
+            f"{name} {loss:.4f}" for name, loss in fusion["held_out_loss"].items())))
     rows += [("seconds", f"{report['seconds']:.1f}"), ("peak RSS (MB)", f"{report['peak_rss_mb']:.0f}")]
     if report.get("stages"):
         rows.append(("stages: seconds / peak RSS MB", ", ".join(

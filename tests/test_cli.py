@@ -157,3 +157,25 @@ def test_attention_none_prunes_mlp_channels_only_with_the_default_criterion(tiny
     assert all(w["num_attention_heads"] == dense["num_attention_heads"] for w in report["layers"])
     assert abs(report["ratio_achieved"] - 0.2) <= 0.01
     assert json.loads((tmp_path / "o" / "plan.json").read_text())["attention"] == "none"
+
+
+def test_validated_fusion_reports_its_choice(tiny_folder, calib_text, tmp_path, capsys):
+    argv = ["prune", "--model", str(tiny_folder), "--ratio", "0.2", "--criterion", "hywia:steps=2:validate=0.5",
+            "--calib", str(calib_text), "--calib-samples", "4", "--seq-len", "32", "--layers", "0:4",
+            "--ppl-text", "none", "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    fusion = json.loads((tmp_path / "o" / "report.json").read_text())["fusion"]
+    assert fusion["held_out_windows"] == 2 and fusion["choice"] in fusion["held_out_loss"]
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("kept (held-out LM loss, 2 windows)"))
+    assert line.split()[-2 * len(fusion["held_out_loss"]) - 1] == f"{fusion['choice']}:"
+
+
+def test_slimgpt_recipe_runs_end_to_end(tiny_folder, calib_text, tmp_path):
+    argv = ["prune", "--model", str(tiny_folder), "--ratio", "0.3", "--criterion", "obs", "--allocation", "log",
+            "--calib", str(calib_text), "--calib-samples", "4", "--seq-len", "32", "--layers", "0:4",
+            "--ppl-text", "none", "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert abs(report["ratio_achieved"] - 0.3) <= 0.01 and report["allocation"] == "log"
+    widths = [layer["intermediate_size"] for layer in report["layers"][:4]]
+    assert widths[0] >= widths[-1]

@@ -18,7 +18,15 @@ With a global allocation the soft mask sees it: one threshold over all pruned la
 is learned with the blend, so the end-to-end objective also decides how much each layer gives up.
 
 The third view is this project's addition to the two the HyWIA method defines: with least-squares compensation, ranking
-by the loss-based views alone kept far worse groups at 50% (the ablation in BENCHMARKS.md).
+by the loss-based views alone kept far worse groups at 50% (the ablation in BENCHMARKS.md). `views` chooses the views
+blended; `obs` (the output error left after a least-squares refit, hywia.importance.obs) is the one that sees what
+`--compensate lstsq` will do.
+
+With `validate` > 0 that share of the calibration windows (the last ones) is held out: the blend learns on the rest,
+then the learned blend and each view alone (its own raw scores, so under a global allocation it is exactly that
+view's criterion) are cut hard at the target, removed groups replaced as the surgery will, and the one with the
+lowest LM loss on the held-out windows is returned: the fusion can become any single view when learning does not
+pay on windows it was not fitted on.
 """
 
 from __future__ import annotations
@@ -34,15 +42,18 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..errors import InvalidRequestError
+from ..pruning.plan import select
 from .base import Criterion, LayerKind, ScoringContext, normalise, register_criterion
 from .collect import lm_loss
 from .flap import fluctuation_scores
 from .layerwise import HEAD_CHECK_TOKENS, chunked_loss, final_hidden, forward_replaced, head_is_last
+from .obs import OptimalBrainSurgeon
 from .taylor import taylor_scores
 
 FINE_ORDER = 1
 COARSE_ORDER = 1
-VIEWS = ("fine", "coarse", "fluctuation")
+VIEWS = ("fine", "coarse", "fluctuation")  # the default views
+KNOWN_VIEWS = VIEWS + ("obs",)
 
 
 def granularities(
@@ -130,7 +141,8 @@ class FusionAttention(nn.Module):
 class FusionSettings:
     """The learned blend's optimisation: Adam steps on `batch_size` calibration windows each, at learning rate `lr`;
     the soft gates' temperature anneals geometrically from start to end (`log_temperature_*` for the global
-    allocation's gates on log score per parameter)."""
+    allocation's gates on log score per parameter). `views`: the views blended, joined by '+'; `validate`: the
+    share of calibration windows held out to choose between the learned blend and each view alone (0: none)."""
 
     steps: int = 24
     batch_size: int = 4
@@ -139,11 +151,18 @@ class FusionSettings:
     temperature_end: float = 0.01
     log_temperature_start: float = 1.0
     log_temperature_end: float = 0.05
-
+    views: str = "+".join(VIEWS)
+    validate: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("steps must be >= 0, batch_size >= 1 and lr > 0")
+        names = self.views.split("+")
+        if not names or len(set(names)) != len(names) or not set(names) <= set(KNOWN_VIEWS):
+            raise ValueError(f"views must be distinct names among {', '.join(KNOWN_VIEWS)} joined by '+', "
+                             f"got {self.views!r}")
+        if not 0.0 <= self.validate < 1.0:
+            raise ValueError(f"validate must lie in [0, 1), got {self.validate}")
         if min(self.temperature_start, self.temperature_end, self.log_temperature_start,
                self.log_temperature_end) <= 0:
             raise ValueError("temperatures must be > 0")
@@ -162,13 +181,21 @@ class HywiaFusion(Criterion):
         self._summary: dict = {}
 
     def score(self, ctx: ScoringContext) -> dict[LayerKind, torch.Tensor]:
-        fine, coarse, scale = granularities(ctx)
-        views = {"fine": fine, "coarse": coarse, "fluctuation": normalise(fluctuation_scores(ctx))}
+        names = self.settings.views.split("+")
+        raw = {"fine": taylor_scores(ctx, "fine", FINE_ORDER), "coarse": taylor_scores(ctx, "coarse", COARSE_ORDER),
+               "fluctuation": fluctuation_scores(ctx)}
+        if "obs" in names:
+            raw["obs"] = OptimalBrainSurgeon().score(ctx)
+        normalised = {v: normalise(scores) for v, scores in raw.items()}
+        fine, coarse = normalised["fine"], normalised["coarse"]
+        scale = {key: float(value.mean()) for key, value in raw["fine"].items()}
+        views = {v: normalised[v] for v in names}
+        fit, held_out = self._split(ctx.batches)
         keys = list(fine)
         n_layers = len(ctx.adapter.layers())
-        tokens = {k: [_token_features(views[v][k]) for v in VIEWS] for k in keys}
+        tokens = {k: [_token_features(views[v][k]) for v in names] for k in keys}
         agreement = {k: spearman(fine[k], coarse[k]) for k in keys}
-        fluctuation_agreement = {k: spearman(fine[k], views["fluctuation"][k]) for k in keys}
+        fluctuation_agreement = {k: spearman(fine[k], normalised["fluctuation"][k]) for k in keys}
         context = {
             k: torch.tensor(
                 [k[0] / max(n_layers - 1, 1), float(k[1] != "mlp"), float(k[1] == "mlp"), agreement[k],
@@ -177,7 +204,7 @@ class HywiaFusion(Criterion):
             )
             for k in keys
         }
-        attention = FusionAttention(seed=ctx.seed)
+        attention = FusionAttention(n_views=len(names), seed=ctx.seed)
         # Log of each (layer, kind)'s scale: it ranks the layers against each other in a global allocation.
         # Initialised at the mean raw saliency; learned with the blend when the allocation is global.
         log_scale = nn.Parameter(torch.tensor([math.log(max(scale[k], 1e-30)) for k in keys], dtype=torch.float64))
@@ -185,21 +212,28 @@ class HywiaFusion(Criterion):
 
         def blend() -> tuple[dict[LayerKind, torch.Tensor], dict[LayerKind, torch.Tensor]]:
             alphas = {k: attention(tokens[k], context[k]) for k in keys}
-            return {k: sum(alphas[k][:, i] * views[v][k] for i, v in enumerate(VIEWS)) for k in keys}, alphas
+            return {k: sum(alphas[k][:, i] * views[v][k] for i, v in enumerate(names)) for k in keys}, alphas
 
         if ctx.allocate is None:
-            losses = self._learn_uniform(ctx, attention, blend) if self.settings.steps else []
+            losses = self._learn_uniform(ctx, attention, blend, fit) if self.settings.steps else []
         else:
             # The soft mask sees the global allocation: one threshold over all layers, on score per parameter.
-            keep = ctx.allocate({k: sum(views[v][k] for v in VIEWS) / len(VIEWS) * scale[k] for k in keys})
-            losses = self._learn_global(ctx, attention, blend, log_scale, keys, keep) if self.settings.steps else []
+            keep = ctx.allocate({k: sum(views[v][k] for v in names) / len(names) * scale[k] for k in keys})
+            losses = (self._learn_global(ctx, attention, blend, log_scale, keys, keep, fit)
+                      if self.settings.steps else [])
         with torch.no_grad():
             scores, alphas = blend()
         learned_log_scale = log_scale.detach()
+        learned = {k: scores[k] * float(learned_log_scale[i].exp()) for i, k in enumerate(keys)}
+        candidates = {"learned": learned, **{v: raw[v] for v in names}}
+        validation = ({name: _held_out_loss(ctx, candidate, held_out) for name, candidate in candidates.items()}
+                      if held_out.shape[0] else {})
+        choice = min(validation, key=validation.get) if validation else "learned"
         self._summary = {
-            "alpha_mean": {v: float(torch.cat([a[:, i] for a in alphas.values()]).mean()) for i, v in enumerate(VIEWS)},
+            "views": names,
+            "alpha_mean": {v: float(torch.cat([a[:, i] for a in alphas.values()]).mean()) for i, v in enumerate(names)},
             "per_layer": [
-                {"layer": k[0], "kind": k[1], "alpha": {v: float(alphas[k][:, j].mean()) for j, v in enumerate(VIEWS)},
+                {"layer": k[0], "kind": k[1], "alpha": {v: float(alphas[k][:, j].mean()) for j, v in enumerate(names)},
                  "rank_agreement": agreement[k],
                  "log_scale_learned_shift": float(learned_log_scale[i] - initial_log_scale[i])}
                 for i, k in enumerate(keys)
@@ -207,13 +241,27 @@ class HywiaFusion(Criterion):
             "steps": self.settings.steps,
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None,
+            "held_out_windows": int(held_out.shape[0]),
+            "held_out_loss": validation,
+            "choice": choice,
         }
-        return {k: scores[k] * float(learned_log_scale[i].exp()) for i, k in enumerate(keys)}
+        return candidates[choice]
 
     def summary(self) -> dict:
         return self._summary
 
-    def _learn_uniform(self, ctx: ScoringContext, attention: FusionAttention, blend) -> list[float]:
+    def _split(self, batches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(windows the blend learns on, windows held out to validate it): the last `validate` share, at least
+        one, and at least one left to learn on."""
+        if self.settings.validate == 0:
+            return batches, batches[:0]
+        if batches.shape[0] < 2:
+            raise InvalidRequestError("hywia:validate needs at least 2 calibration windows (--calib-samples)")
+        held = min(max(math.ceil(self.settings.validate * batches.shape[0]), 1), batches.shape[0] - 1)
+        return batches[:-held], batches[-held:]
+
+    def _learn_uniform(self, ctx: ScoringContext, attention: FusionAttention, blend,
+                       batches: torch.Tensor) -> list[float]:
         """Soft gates per layer and kind at the uniform allocation's share (tau = that share's quantile of I)."""
         specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
         removed_share = {k: 1 - ctx.keep[k] / specs[k].count for k in specs}
@@ -224,11 +272,11 @@ class HywiaFusion(Criterion):
                     for k, share in removed_share.items() if share > 0}
 
         temperature = (self.settings.temperature_start, self.settings.temperature_end)
-        return self._optimise(ctx, list(attention.parameters()), gates, temperature)
+        return self._optimise(ctx, list(attention.parameters()), gates, temperature, batches)
 
     def _learn_global(
         self, ctx: ScoringContext, attention: FusionAttention, blend, log_scale: nn.Parameter,
-        keys: list[LayerKind], keep: dict[LayerKind, int],
+        keys: list[LayerKind], keep: dict[LayerKind, int], batches: torch.Tensor,
     ) -> list[float]:
         """Soft gates on log score per parameter against one global threshold, learning the layer scales too."""
         specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
@@ -249,11 +297,13 @@ class HywiaFusion(Criterion):
             return dict(zip(keys, soft.split([specs[k].count for k in keys])))
 
         temperature = (self.settings.log_temperature_start, self.settings.log_temperature_end)
-        return self._optimise(ctx, [*attention.parameters(), log_scale], gates, temperature)
+        return self._optimise(ctx, [*attention.parameters(), log_scale], gates, temperature, batches)
 
-    def _optimise(self, ctx: ScoringContext, params: list, gates_at, temperature: tuple[float, float]) -> list[float]:
-        """Minimise the LM loss of the frozen model under the soft gates, annealing T; returns the loss per step."""
-        if ctx.batches.shape[0] == 0:
+    def _optimise(self, ctx: ScoringContext, params: list, gates_at, temperature: tuple[float, float],
+                  batches: torch.Tensor) -> list[float]:
+        """Minimise the LM loss of the frozen model under the soft gates on `batches`, annealing T; returns the
+        loss per step."""
+        if batches.shape[0] == 0:
             raise InvalidRequestError("the learned fusion needs calibration samples")
         device = next(ctx.model.parameters()).device
         dtype = next(ctx.model.parameters()).dtype
@@ -265,7 +315,7 @@ class HywiaFusion(Criterion):
         losses = []
         gates: dict[LayerKind, torch.Tensor] = {}
         head = ctx.model.get_output_embeddings()
-        chunked = head_is_last(ctx.model, ctx.batches[:1, :HEAD_CHECK_TOKENS].to(device))
+        chunked = head_is_last(ctx.model, batches[:1, :HEAD_CHECK_TOKENS].to(device))
         with _frozen(ctx.model), _gated(ctx, specs, gates, _replacements(ctx, specs)), \
                 _recomputed(ctx.adapter.layers()):
             for step in tqdm(range(steps), desc="fusion", disable=not ctx.progress, leave=False):
@@ -276,11 +326,11 @@ class HywiaFusion(Criterion):
                 # once, with one window's activations (and allocator fragmentation) at a time.
                 gates.clear()
                 gates.update({k: g.detach().to(device, torch.float32).requires_grad_() for k, g in soft.items()})
-                pick = torch.randint(ctx.batches.shape[0], (batch_size,), generator=generator)
+                pick = torch.randint(batches.shape[0], (batch_size,), generator=generator)
                 optimizer.zero_grad()
                 loss = 0.0
                 for index in pick.tolist():
-                    ids = ctx.batches[index:index + 1].to(device)
+                    ids = batches[index:index + 1].to(device)
                     if chunked:  # the vocabulary-wide logits of the window never exist at once
                         loss += chunked_loss(head, final_hidden(ctx.model, ids), ids, share=1 / batch_size)
                     else:
@@ -292,6 +342,27 @@ class HywiaFusion(Criterion):
                 torch.autograd.backward([soft[k] for k in reached], [gates[k].grad.to(soft[k]) for k in reached])
                 optimizer.step()
         return losses
+
+
+@torch.no_grad()
+def _held_out_loss(ctx: ScoringContext, scores: dict[LayerKind, torch.Tensor], batches: torch.Tensor) -> float:
+    """Mean LM loss on `batches` with the groups these scores would remove gated off hard (replaced as the surgery
+    will), at the allocation the pipeline would use."""
+    plan = select(ctx.adapter, scores, ctx.allocate(scores) if ctx.allocate else ctx.keep)
+    specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
+    device = next(ctx.model.parameters()).device
+    gates = {}
+    for key, spec in specs.items():
+        kept = plan.layers.get(key[0], {}).get(key[1])
+        gate = torch.ones(spec.count, device=device)
+        if kept is not None:
+            gate.zero_()[kept] = 1.0
+        gates[key] = gate
+    total = 0.0
+    with _frozen(ctx.model), _gated(ctx, specs, gates, _replacements(ctx, specs)):
+        for index in range(batches.shape[0]):
+            total += float(lm_loss(ctx.model, batches[index:index + 1].to(device)))
+    return total / batches.shape[0]
 
 
 @contextmanager

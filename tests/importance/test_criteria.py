@@ -174,3 +174,58 @@ def test_fusion_step_recomputes_layers_and_chunks_the_head_without_changing_the_
     assert results[0][1].abs().sum() > 0
     torch.testing.assert_close(results[1][1], results[0][1])
     assert "forward" not in vars(ctx.adapter.layers()[0])  # the layers' own forward is back
+
+
+def test_fusion_of_one_view_is_that_views_criterion(tiny_model_factory):
+    ctx = _context(tiny_model_factory("llama"))
+    alone = HywiaFusion(steps=0, views="fine").score(ctx)
+    element = get_criterion("taylor-element1").score(ctx)
+    for key in element:
+        torch.testing.assert_close(alone[key], element[key])
+
+
+def test_fusion_can_blend_the_obs_view(tiny_model_factory):
+    ctx = _context(tiny_model_factory("llama"))
+    fusion = HywiaFusion(steps=2, batch_size=2, views="fine+obs")
+    scores = fusion.score(ctx)
+    assert set(fusion.summary()["alpha_mean"]) == {"fine", "obs"}
+    assert all(torch.isfinite(score).all() for score in scores.values())
+
+
+@pytest.mark.parametrize("views,validate", [("fine+fine", 0.0), ("fine+nope", 0.0), ("", 0.0), ("fine", 1.0)])
+def test_fusion_settings_are_checked(views, validate):
+    with pytest.raises(InvalidRequestError):
+        get_criterion(f"hywia:views={views}:validate={validate}")
+
+
+def test_validated_fusion_returns_the_candidate_with_the_lowest_held_out_loss(tiny_model_factory):
+    ctx = _context(tiny_model_factory("llama"))
+    fusion = HywiaFusion(steps=2, batch_size=2, validate=0.5)
+    scores = fusion.score(ctx)
+    summary = fusion.summary()
+    assert summary["held_out_windows"] == 2 and set(summary["held_out_loss"]) == {"learned", *VIEWS}
+    assert summary["choice"] == min(summary["held_out_loss"], key=summary["held_out_loss"].get)
+    if summary["choice"] == "fine":
+        expected = get_criterion("taylor-element1").score(ctx)
+        for key in expected:
+            torch.testing.assert_close(scores[key], expected[key])
+
+
+def test_held_out_loss_is_the_loss_of_the_physically_pruned_model(tiny_model_factory):
+    """Hard gates at zero (no compensation) remove the groups exactly: the loss of the cut model."""
+    import copy
+
+    from hywia.importance.collect import lm_loss
+    from hywia.importance.fusion import _held_out_loss
+    from hywia.pruning import apply_plan
+
+    model = tiny_model_factory("llama")
+    ctx = _context(model)
+    scores = get_criterion("magnitude").score(ctx)
+    held = ctx.batches[2:]
+    gated = _held_out_loss(ctx, scores, held)
+    pruned = copy.deepcopy(model)
+    apply_plan(pruned, select(adapter_for(pruned, "heads"), scores, ctx.keep))
+    with torch.no_grad():
+        cut = sum(float(lm_loss(pruned, held[i:i + 1])) for i in range(held.shape[0])) / held.shape[0]
+    assert gated == pytest.approx(cut, rel=1e-5)
