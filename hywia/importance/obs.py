@@ -83,7 +83,7 @@ def greedy_obs_errors(weight: torch.Tensor, gram: torch.Tensor, block: int, step
         kept_groups = torch.ones(n, dtype=torch.bool).index_fill_(0, chosen, False)
         kept = torch.cat([(kept_groups.nonzero().squeeze(1)[:, None] * block + within).reshape(-1),
                           torch.tensor([n * block])])
-        w, h_inv, alive = w[:, kept], h_inv[kept][:, kept], alive[kept_groups]
+        w, h_inv, alive = w[:, kept], h_inv[kept[:, None], kept], alive[kept_groups]
     scores = torch.empty(count, dtype=torch.float64)
     ordered = errors[order].cummax(0).values
     # Equal running maxima keep the removal order: a tie-break far below any error's own precision.
