@@ -141,7 +141,7 @@ class Pipeline:
             specs = {i: self.adapter.group_specs(self.adapter.layers()[i]) for i in self.layer_indices}
             ctx = ScoringContext(self.model, self.adapter, self.layer_indices, specs, self.windows(), prepared.keep,
                                  self.runtime.seed, self.stats, self.progress, self._allocator(prepared),
-                                 prepared.compensation[0])
+                                 prepared.compensation[0], partial(self._kept_groups, prepared))
             with torch.random.fork_rng():
                 torch.manual_seed(self.runtime.seed)
                 return prepared.criterion.score(ctx)
@@ -149,8 +149,16 @@ class Pipeline:
     def plan(self, prepared: PreparedRun, scores: dict[LayerKind, torch.Tensor]) -> PruningPlan:
         """Stage `plan`: the allocation's counts, and the highest-scored groups of each kind kept."""
         with self.log.stage("plan"):
-            allocate = self._allocator(prepared)
-            return select(self.adapter, scores, allocate(scores) if allocate else prepared.keep)
+            return self._select(prepared, scores)
+
+    def _select(self, prepared: PreparedRun, scores: dict[LayerKind, torch.Tensor]) -> PruningPlan:
+        allocate = self._allocator(prepared)
+        return select(self.adapter, scores, allocate(scores) if allocate else prepared.keep)
+
+    def _kept_groups(self, prepared: PreparedRun, scores: dict[LayerKind, torch.Tensor]) -> dict[LayerKind, list[int]]:
+        """The groups the plan from `scores` keeps, per (layer, kind): what a criterion may check a candidate by."""
+        return {(layer, kind): kept for layer, kinds in self._select(prepared, scores).layers.items()
+                for kind, kept in kinds.items()}
 
     def compensate(self, model: nn.Module, plan: PruningPlan, compensation: tuple[str, object]) -> dict[str, int]:
         """Stage `compensate`: the removed groups' contribution folded into what stays, on the calibration windows

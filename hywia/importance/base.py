@@ -19,7 +19,9 @@ from .statistics import Statistics, blocks
 @dataclass
 class ScoringContext:
     """Everything a criterion may read. `keep` says how many groups of each (layer, kind) stay under a uniform
-    allocation; `allocate`, when set, computes the counts of a score-dependent (global) allocation instead."""
+    allocation; `allocate`, when set, computes the counts of a score-dependent (global) allocation instead.
+    `kept_groups`, when set, gives the groups a plan made from given scores keeps, allocated and selected as the
+    pipeline will (the plan lives in hywia.pruning, above the criteria)."""
 
     model: nn.Module
     adapter: Adapter
@@ -32,6 +34,7 @@ class ScoringContext:
     progress: bool = True
     allocate: Callable[[dict[LayerKind, torch.Tensor]], dict[LayerKind, int]] | None = None
     compensate: str = "none"  # what surgery will put in place of a removed group's output (see pruning.compensate)
+    kept_groups: Callable[[dict[LayerKind, torch.Tensor]], dict[LayerKind, list[int]]] | None = None
 
     def param(self, layer: int, name: str) -> torch.Tensor:
         """A weight of the layer (name relative to it) as float; loaded for the call when accelerate offloads it."""

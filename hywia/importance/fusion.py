@@ -42,7 +42,6 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..errors import InvalidRequestError
-from ..pruning.plan import select
 from .base import Criterion, LayerKind, ScoringContext, normalise, register_criterion
 from .collect import lm_loss
 from .flap import fluctuation_scores
@@ -347,16 +346,17 @@ class HywiaFusion(Criterion):
 @torch.no_grad()
 def _held_out_loss(ctx: ScoringContext, scores: dict[LayerKind, torch.Tensor], batches: torch.Tensor) -> float:
     """Mean LM loss on `batches` with the groups these scores would remove gated off hard (replaced as the surgery
-    will), at the allocation the pipeline would use."""
-    plan = select(ctx.adapter, scores, ctx.allocate(scores) if ctx.allocate else ctx.keep)
+    will), allocated and selected as the pipeline will (`ctx.kept_groups`)."""
+    if ctx.kept_groups is None:
+        raise InvalidRequestError("hywia:validate needs the pipeline's plan selection (ScoringContext.kept_groups)")
+    kept = ctx.kept_groups(scores)
     specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
     device = next(ctx.model.parameters()).device
     gates = {}
     for key, spec in specs.items():
-        kept = plan.layers.get(key[0], {}).get(key[1])
         gate = torch.ones(spec.count, device=device)
-        if kept is not None:
-            gate.zero_()[kept] = 1.0
+        if key in kept:
+            gate.zero_()[kept[key]] = 1.0
         gates[key] = gate
     total = 0.0
     with _frozen(ctx.model), _gated(ctx, specs, gates, _replacements(ctx, specs)):

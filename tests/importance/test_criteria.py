@@ -20,7 +20,13 @@ def _context(model, seed=0, attention="heads", ratio=0.3, path="layerwise"):
     stats = collect_statistics(model, adapter, layers, batches, progress=False, path=path)
     specs = {i: adapter.group_specs(adapter.layers()[i]) for i in layers}
     keep = allocate_uniform(adapter, layers, ratio)
-    return ScoringContext(model, adapter, layers, specs, batches, keep, seed, stats, progress=False)
+
+    def kept_groups(scores):
+        plan = select(adapter, scores, keep)
+        return {(layer, kind): kept for layer, kinds in plan.layers.items() for kind, kept in kinds.items()}
+
+    return ScoringContext(model, adapter, layers, specs, batches, keep, seed, stats, progress=False,
+                          kept_groups=kept_groups)
 
 
 def test_registry_lists_every_criterion():
