@@ -46,15 +46,29 @@ def summarise(records: list[dict], names: list[str]) -> dict:
             "rows": [{"label": label, "ratio": ratio, "gm": gm} for (label, ratio), gm in rows.items()]}
 
 
+def _ranking(summary: dict) -> list[str]:
+    """Benches of one calibration source: every run once per bench, by ratio, best first."""
+    rows = sorted(((row["ratio"], gm, row["label"], bench) for row in summary["rows"] for bench, gm in row["gm"].items()
+                   if row["label"] != "dense"), key=lambda r: (r[0], r[1]))
+    dense = next(iter(next(r for r in summary["rows"] if r["label"] == "dense")["gm"].values()))
+    return [f"Geometric-mean perplexity on the texts foreign to the calibration source "
+            f"({', '.join(summary['foreign_texts'])}), every run of every bench, best first per ratio "
+            f"(dense: {dense:.2f}):", "", "| ratio | run | cross gm | bench |", "|---|---|---|---|",
+            *(f"| {ratio:g} | `{label}` | {gm:.2f} | `{bench}` |" for ratio, gm, label, bench in rows)]
+
+
 def render(records: list[dict], summary: dict, paths: list[str]) -> str:
     sources = summary["sources"]
-    lines = [f"Geometric-mean perplexity on the texts foreign to every source ({', '.join(summary['foreign_texts'])}), "
-             "per bench (named by its file; - = not run or not reached):", "",
-             "| run | ratio | " + " | ".join(f"`{s}`" for s in sources) + " |",
-             "|---|---|" + "---|" * len(sources)]
-    for row in summary["rows"]:
-        cells = [f"{row['gm'][s]:.2f}" if s in row["gm"] else "-" for s in sources]
-        lines.append(f"| `{row['label']}` | {row['ratio']:g} | " + " | ".join(cells) + " |")
+    if len({record["settings"]["calibration"]["source"] for record in records}) == 1 and len(records) > 1:
+        lines = _ranking(summary)
+    else:
+        lines = [f"Geometric-mean perplexity on the texts foreign to every source "
+                 f"({', '.join(summary['foreign_texts'])}), per bench (named by its file; - = not run or not reached):",
+                 "", "| run | ratio | " + " | ".join(f"`{s}`" for s in sources) + " |",
+                 "|---|---|" + "---|" * len(sources)]
+        for row in summary["rows"]:
+            cells = [f"{row['gm'][s]:.2f}" if s in row["gm"] else "-" for s in sources]
+            lines.append(f"| `{row['label']}` | {row['ratio']:g} | " + " | ".join(cells) + " |")
     for record, path in zip(records, paths):
         calibration = record["settings"]["calibration"]
         lines += ["", f"#### Calibration `{calibration['source']}`: {calibration['samples']} windows x "

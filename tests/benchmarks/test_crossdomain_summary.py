@@ -26,3 +26,11 @@ def test_sources_are_compared_on_the_texts_foreign_to_all_of_them():
     assert math.isclose(row["gm"]["lambada"], 40.0) and math.isclose(row["gm"]["mix"], 20.0)
     text = render([fiction, mixed], summary, ["a.json", "b.json"])
     assert "| `hywia` | 0.2 | 40.00 | 20.00 |" in text and "ppl wiki (in-domain)" in text
+
+
+def test_benches_of_one_source_are_ranked_together():
+    first = _record("mix", {"hywia": {"lambada": 11.0, "wiki": 90.0, "coqa": 20.0, "pydoc": 80.0}})
+    second = _record("mix", {"flap": {"lambada": 11.0, "wiki": 90.0, "coqa": 10.0, "pydoc": 40.0}})
+    summary = summarise([first, second], ["a", "b"])
+    text = render([first, second], summary, ["a.json", "b.json"])
+    assert "| 0.2 | `flap` | 20.00 | `b` |\n| 0.2 | `hywia` | 40.00 | `a` |" in text and "(dense: 10.00)" in text
