@@ -116,7 +116,8 @@ class Pipeline:
         floor = allocation[1].floor if allocation[0] == "global" else None
         check_plan_request(self.adapter, self.layers, config.ratio, config.round_to, floor)
         if getattr(compensation[1], "holdout", 0) > 0 and self.calibration.calib_samples < 2:
-            raise InvalidRequestError("lstsq:holdout needs at least 2 calibration windows (--calib-samples)")
+            raise InvalidRequestError("lstsq chooses its ridge on held-out windows, so it needs --calib-samples 2 or "
+                                      "more; or give --compensate lstsq:holdout=0")
         depth_weights = log_depth_weights(self.layer_indices) if allocation[0] == "log" else None
         keep = allocate_uniform(self.adapter, self.layer_indices, config.ratio, config.round_to, depth_weights)
         return PreparedRun(config, criterion, allocation, compensation, keep)

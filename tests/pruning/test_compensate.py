@@ -168,7 +168,7 @@ def test_holdout_needs_two_windows_and_is_reported(tiny_model_factory):
     config = PruneConfig(ratio=0.2, layers="0:4", criterion="magnitude", compensate="lstsq:holdout=0.5")
     lone = Pipeline(model, None, layers="0:4", calibration=CalibrationConfig(calib_samples=1, seq_len=16),
                     windows=torch.zeros(1, 16, dtype=torch.long), progress=False)
-    with pytest.raises(InvalidRequestError, match="at least 2 calibration windows"):
+    with pytest.raises(InvalidRequestError, match="--calib-samples 2 or more"):
         lone.prepare(config)
     pipeline = Pipeline(model, None, layers="0:4", calibration=CalibrationConfig(calib_samples=4, seq_len=16),
                         windows=torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0)),
