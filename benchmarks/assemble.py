@@ -11,6 +11,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 SECTIONS = [
     ("Cross-domain quality: calibrate on one source, judge on other genres", "crossdomain.md", None),
+    ("Cross-domain: every run under the default calibration, ranked", "crossdomain-mix.md",
+     "python benchmarks/crossdomain_summary.py --name crossdomain-mix benchmarks/results/crossdomain-bench/mix*.json"),
+    ("Cost of a whole prune against the FLAP recipe", "prune-cost.md",
+     "python benchmarks/prune_cost.py --ratio 0.2 --recipe 'hywia-holdout=--compensate lstsq:holdout=0.25' "
+     "--recipe 'flap=--criterion flap --compensate bias' --reference flap --name prune-cost"),
     ("Quality: criterion x allocation x compensation (no recovery tuning)", "ablation.md",
      "python benchmarks/ablation.py --ratios 0.2,0.5 --calib-samples 64 --eval-tokens 4096"),
     ("Variants tried on the way to the defaults", "variants.md", None),
