@@ -70,31 +70,40 @@ class ProjectionMoments:
         """(change of the kept columns or None, bias to add, what was chosen). Without held-out windows: the
         `lstsq` fit at `ridge`. With them, `ridge` x 10^k (k = -2..2) and the bias alone (A = 0) are each fitted on
         the other windows and scored by the error they leave on the held-out ones; the winner is refitted on all."""
-        everything = self._merged()
-        if self.mode == "bias":
-            return None, self._bias(everything), "bias"
-        if self.held_out is None:
-            return *self._split(self._lstsq(everything, ridge)), f"ridge {ridge:g}"
-        choices = {f"ridge {r:g}": self._lstsq(self.fit, r) for r in (ridge * 10.0 ** k for k in range(-2, 3))}
-        choices["bias"] = torch.cat([torch.zeros(self.weight_removed.shape[0], self.kept.numel(),
-                                                 dtype=torch.float64), self._bias(self.fit)[:, None]], 1)
-        gram, cross = self.held_out.gram / self.held_out.tokens, self.held_out.cross / self.held_out.tokens
-        # E||W_R x_R - S z||^2 on the held-out tokens, but for the constant E||W_R x_R||^2
-        errors = {name: float(((S @ gram) * S).sum() - 2 * (S * cross).sum()) for name, S in choices.items()}
-        best = min(errors, key=errors.get)
+        best = f"ridge {ridge:g}" if self.mode == "lstsq" else "bias"
+        if self.held_out is not None and self.mode == "lstsq":
+            best = self._choose(ridge)
+        self._merge_held_out()
         if best == "bias":
-            return None, self._bias(everything), best
-        return *self._split(self._lstsq(everything, float(best.split()[1]))), best
+            return None, self._bias(self.fit), best
+        return *self._split(self._lstsq(self.fit, float(best.split()[1]))), best
 
-    def _merged(self) -> _Sums:
+    def _choose(self, ridge: float) -> str:
+        """The fit (ridge x 10^k, or the bias alone) that leaves the least error on the held-out windows. One
+        candidate exists at a time: the moments of a wide MLP projection are tens of MB each."""
+        gram, cross = self.held_out.gram / self.held_out.tokens, self.held_out.cross / self.held_out.tokens
+        errors = {}
+        for name in [f"ridge {ridge * 10.0 ** k:g}" for k in range(-2, 3)] + ["bias"]:
+            if name == "bias":
+                solution = torch.zeros_like(cross)
+                solution[:, -1] = self._bias(self.fit)
+            else:
+                solution = self._lstsq(self.fit, float(name.split()[1]))
+            # E||W_R x_R - S z||^2 on the held-out tokens, but for the constant E||W_R x_R||^2
+            errors[name] = float(((solution @ gram) * solution).sum() - 2 * (solution * cross).sum())
+            del solution
+        return min(errors, key=errors.get)
+
+    def _merge_held_out(self) -> None:
+        """Add the held-out windows' sums into the fitted ones, in place: the chosen fit uses every window."""
         if self.held_out is None:
-            return self.fit
-        merged = _Sums(0, 0, 0, False)
+            return
         for name in ("gram", "cross", "removed_sum"):
-            parts = [getattr(s, name) for s in (self.fit, self.held_out)]
-            setattr(merged, name, None if parts[0] is None else parts[0] + parts[1])
-        merged.tokens = self.fit.tokens + self.held_out.tokens
-        return merged
+            part = getattr(self.held_out, name)
+            if part is not None:
+                getattr(self.fit, name).add_(part)
+        self.fit.tokens += self.held_out.tokens
+        self.held_out = None
 
     def _bias(self, sums: _Sums) -> torch.Tensor:
         return self.weight_removed @ (sums.removed_sum / sums.tokens)
@@ -102,7 +111,7 @@ class ProjectionMoments:
     @staticmethod
     def _lstsq(sums: _Sums, ridge: float) -> torch.Tensor:
         gram = sums.gram / sums.tokens
-        gram = gram + ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)
+        gram.diagonal().add_(ridge * gram.diagonal().mean())
         return torch.linalg.solve(gram, (sums.cross / sums.tokens).T).T
 
     @staticmethod
