@@ -353,8 +353,8 @@ def print_summary(report: dict) -> None:
             f"{view} {weight:.3f}" for view, weight in report["fusion"]["alpha_mean"].items())))
     if report.get("fusion", {}).get("held_out_loss"):
         fusion = report["fusion"]
-        rows.append((f"kept (held-out LM loss, {fusion['held_out_windows']} windows)", f"{fusion['choice']}: " + ", ".join(
-            f"{name} {loss:.4f}" for name, loss in fusion["held_out_loss"].items())))
+        losses = ", ".join(f"{name} {loss:.4f}" for name, loss in fusion["held_out_loss"].items())
+        rows.append((f"kept (held-out LM loss, {fusion['held_out_windows']} windows)", f"{fusion['choice']}: {losses}"))
     rows += [("seconds", f"{report['seconds']:.1f}"), ("peak RSS (MB)", f"{report['peak_rss_mb']:.0f}")]
     if report.get("stages"):
         rows.append(("stages: seconds / peak RSS MB", ", ".join(

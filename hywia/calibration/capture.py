@@ -103,3 +103,16 @@ def capture_layer_inputs(
         for handle in handles:
             handle.remove()
     return calls, state["arity"]
+
+
+def replay_start(
+    model: nn.Module, layers: list[nn.Module], low: int, high: int, batches: torch.Tensor
+) -> tuple[dict[int, list[LayerCall]], list[torch.Tensor]]:
+    """What a pass that replays layers low..high in order starts from: every call of those layers, and layer `low`'s
+    input for each window on the CPU (the pass advances the hidden states through the layers itself)."""
+    acts = ActivationStore(on_disk=False)
+    try:
+        calls, _ = capture_layer_inputs(model, layers, low, high, batches, acts, input_layers={low})
+        return calls, [acts.get(low, sample, torch.device("cpu")) for sample in range(len(batches))]
+    finally:
+        acts.close()

@@ -55,18 +55,23 @@ VIEWS = ("fine", "coarse", "fluctuation")  # the default views
 KNOWN_VIEWS = VIEWS + ("obs",)
 
 
+def raw_granularities(ctx: ScoringContext) -> dict[str, dict[LayerKind, torch.Tensor]]:
+    """The fine- and coarse-grained scores as their criteria give them (loss units)."""
+    return {"fine": taylor_scores(ctx, "fine", FINE_ORDER), "coarse": taylor_scores(ctx, "coarse", COARSE_ORDER)}
+
+
+def layer_scales(fine: dict[LayerKind, torch.Tensor]) -> dict[LayerKind, float]:
+    """Each layer-kind's scale, the mean raw fine-grained saliency: it turns a blend of normalised scores back into
+    loss units, so that blended scores stay comparable across layers for a global allocation."""
+    return {key: float(value.mean()) for key, value in fine.items()}
+
+
 def granularities(
     ctx: ScoringContext,
 ) -> tuple[dict[LayerKind, torch.Tensor], dict[LayerKind, torch.Tensor], dict[LayerKind, float]]:
-    """Normalised (mean 1 per layer and kind) fine- and coarse-grained scores, and each layer-kind's scale.
-
-    The scale (mean raw fine-grained saliency) turns a blend of normalised scores back into loss units, so that
-    blended scores stay comparable across layers for a global allocation.
-    """
-    fine = taylor_scores(ctx, "fine", FINE_ORDER)
-    coarse = taylor_scores(ctx, "coarse", COARSE_ORDER)
-    scale = {key: float(value.mean()) for key, value in fine.items()}
-    return normalise(fine), normalise(coarse), scale
+    """Normalised (mean 1 per layer and kind) fine- and coarse-grained scores, and each layer-kind's scale."""
+    raw = raw_granularities(ctx)
+    return normalise(raw["fine"]), normalise(raw["coarse"]), layer_scales(raw["fine"])
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -181,13 +186,12 @@ class HywiaFusion(Criterion):
 
     def score(self, ctx: ScoringContext) -> dict[LayerKind, torch.Tensor]:
         names = self.settings.views.split("+")
-        raw = {"fine": taylor_scores(ctx, "fine", FINE_ORDER), "coarse": taylor_scores(ctx, "coarse", COARSE_ORDER),
-               "fluctuation": fluctuation_scores(ctx)}
+        raw = {**raw_granularities(ctx), "fluctuation": fluctuation_scores(ctx)}
         if "obs" in names:
             raw["obs"] = OptimalBrainSurgeon().score(ctx)
         normalised = {v: normalise(scores) for v, scores in raw.items()}
         fine, coarse = normalised["fine"], normalised["coarse"]
-        scale = {key: float(value.mean()) for key, value in raw["fine"].items()}
+        scale = layer_scales(raw["fine"])
         views = {v: normalised[v] for v in names}
         fit, held_out = self._split(ctx.batches)
         keys = list(fine)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..calibration import ActivationStore, capture_layer_inputs
+from ..calibration import replay_start
 from ..offload import execution_device, resident
 from .base import Criterion, LayerKind, ScoringContext, register_criterion
 
@@ -98,13 +98,7 @@ def output_grams(ctx: ScoringContext) -> Iterator[tuple[LayerKind, torch.Tensor]
     exist at a time (all of SmolLM2's at once would be as large as its weights)."""
     layers = ctx.adapter.layers()
     low, high = min(ctx.layer_indices), max(ctx.layer_indices)
-    acts = ActivationStore(on_disk=False)
-    try:
-        with torch.no_grad():
-            calls, _ = capture_layer_inputs(ctx.model, layers, low, high, ctx.batches, acts, input_layers={low})
-        hidden = [acts.get(low, sample, torch.device("cpu")) for sample in range(len(ctx.batches))]
-    finally:
-        acts.close()
+    calls, hidden = replay_start(ctx.model, layers, low, high, ctx.batches)
     for index in tqdm(range(low, high + 1), desc="obs", disable=not ctx.progress, leave=False):
         layer = layers[index]
         specs = ctx.specs.get(index, []) if index in ctx.layer_indices else []

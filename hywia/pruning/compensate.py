@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import ActivationStore, capture_layer_inputs
+from ..calibration import replay_start
 from ..models import Adapter, GroupSpec
 from ..models.surgery import add_bias
 from ..offload import editable, execution_device, resident
@@ -169,12 +169,7 @@ def compensate(
     held_out = min(max(math.ceil(holdout * len(batches)), 1), len(batches) - 1) if holdout > 0 else 0
     layers = adapter.layers()
     low, high = min(plan.layers), max(plan.layers)
-    acts = ActivationStore(on_disk=False)
-    try:
-        calls, _ = capture_layer_inputs(model, layers, low, high, batches, acts, input_layers={low})
-        hidden = [acts.get(low, sample, torch.device("cpu")) for sample in range(len(batches))]
-    finally:
-        acts.close()
+    calls, hidden = replay_start(model, layers, low, high, batches)
     for index in tqdm(range(low, high + 1), desc="compensation", disable=not progress, leave=False):
         layer, keep = layers[index], plan.layers.get(index, {})
         specs = [s for s in adapter.group_specs(layer) if s.kind in keep and len(keep[s.kind]) < s.count]
