@@ -1,7 +1,7 @@
 """Peak memory of the whole default `hywia prune` (load to save) against a process that only imports hywia, loads
 the model and runs one forward; each in a fresh process. Writes benchmarks/results/memory.json and memory.md.
 
-    python benchmarks/memory.py [--model NAME_OR_FOLDER] [--ratio 0.2] [--repeats 1] [-- EXTRA PRUNE FLAGS]
+    python benchmarks/memory.py [--model NAME_OR_FOLDER] [--ratio 0.2] [--name memory] [-- EXTRA PRUNE FLAGS]
 
 Every figure is peak resident memory (VmHWM/ru_maxrss) in MB and as a multiple of the weights' bytes; "over
 baseline" is the prune's peak minus the baseline's, over the weights' bytes (the issue's goal: at most 0.5). The

@@ -10,6 +10,9 @@ benchmarks/results/NAME.json and .md.
     hywia eval --model pruned/ --tasks piqa,arc_easy,lambada --limit none --out hywia.json
     python benchmarks/zeroshot_summary.py dense=dense.json hywia=hywia.json peer=peer.json \
         --focus hywia --against peer --name zeroshot
+
+A run may come from several evals of one model (NAME=a.json+b.json), e.g. the full small tasks in one and a
+2000-item subset of HellaSwag in another: `--limit` is one value per eval.
 """
 
 from __future__ import annotations
@@ -32,6 +35,17 @@ def _difference(paired: dict) -> str:
     text = _points(paired["difference"], paired["stderr"])
     resolved = paired["stderr"] is not None and abs(paired["difference"]) > 2 * paired["stderr"]
     return f"**{text}**" if resolved else text
+
+
+def merge_runs(parts: list[dict]) -> dict:
+    """One run from evals of the same model on different tasks (their zero-shot task tables joined)."""
+    tasks: dict[str, dict] = {}
+    for part in parts:
+        for task, row in part["zero_shot"]["tasks"].items():
+            if task in tasks:
+                raise ValueError(f"task {task!r} is in more than one of the evals joined into one run")
+            tasks[task] = row
+    return {"model": parts[0].get("model"), "zero_shot": {"tasks": tasks}}
 
 
 def summarise(runs: dict[str, dict], focus: str | None, against: str | None) -> dict:
@@ -82,7 +96,7 @@ def render(summary: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="NAME=eval.json, the reference (dense) first")
+    parser.add_argument("runs", nargs="+", help="NAME=eval.json[+eval2.json...], the reference (dense) first")
     parser.add_argument("--focus", help="run compared with --against (e.g. hywia)")
     parser.add_argument("--against", help="the best peer")
     parser.add_argument("--name", default="zeroshot", help="results file stem under benchmarks/results")
@@ -92,7 +106,7 @@ def main() -> None:
         name, _, path = item.partition("=")
         if not path:
             parser.error(f"expected NAME=path.json, got {item!r}")
-        runs[name] = json.loads(Path(path).read_text())
+        runs[name] = merge_runs([json.loads(Path(part).read_text()) for part in path.split("+")])
     for name in (args.focus, args.against):
         if name and name not in runs:
             parser.error(f"{name!r} is not one of the runs ({', '.join(runs)})")

@@ -64,8 +64,8 @@ def capture_layer_inputs(
     bar: tqdm | None = None,
     input_layers: set[int] | None = None,
 ) -> tuple[dict[int, list[LayerCall]], int]:
-    """Store the input of each layer low..high (of `input_layers` only, when given) and every call of
-    them, and the last one's output (key high + 1).
+    """Store the input of each layer low..high and the last one's output (key high + 1), or only those of them
+    in `input_layers` when given, and every call of the layers low..high.
 
     Forward hooks the caller holds (activation sums, say) see every sample up to layer `high`. Returns the calls
     and the arity of a layer's output (0: a tensor; n: a tuple of n, hidden states first).
@@ -82,7 +82,8 @@ def capture_layer_inputs(
 
     def after(module: nn.Module, args: tuple, output) -> None:
         state["arity"] = len(output) if isinstance(output, tuple) else 0
-        acts.put(high + 1, state["sample"], output[0] if isinstance(output, tuple) else output)
+        if input_layers is None or high + 1 in input_layers:
+            acts.put(high + 1, state["sample"], output[0] if isinstance(output, tuple) else output)
         raise _Stop
 
     handles = [layers[i].register_forward_pre_hook(partial(before, index=i), with_kwargs=True)

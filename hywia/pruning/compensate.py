@@ -81,7 +81,7 @@ class ProjectionMoments:
     def _choose(self, ridge: float) -> str:
         """The fit (ridge x 10^k, or the bias alone) that leaves the least error on the held-out windows. One
         candidate exists at a time: the moments of a wide MLP projection are tens of MB each."""
-        gram, cross = self.held_out.gram / self.held_out.tokens, self.held_out.cross / self.held_out.tokens
+        gram, cross = self.held_out.gram, self.held_out.cross  # token sums: the 1/tokens scale moves no argmin
         errors = {}
         for name in [f"ridge {ridge * 10.0 ** k:g}" for k in range(-2, 3)] + ["bias"]:
             if name == "bias":
@@ -89,7 +89,7 @@ class ProjectionMoments:
                 solution[:, -1] = self._bias(self.fit)
             else:
                 solution = self._lstsq(self.fit, float(name.split()[1]))
-            # E||W_R x_R - S z||^2 on the held-out tokens, but for the constant E||W_R x_R||^2
+            # sum over held-out tokens of ||W_R x_R - S z||^2, but for the constant sum of ||W_R x_R||^2
             errors[name] = float(((solution @ gram) * solution).sum() - 2 * (solution * cross).sum())
             del solution
         return min(errors, key=errors.get)
@@ -110,9 +110,16 @@ class ProjectionMoments:
 
     @staticmethod
     def _lstsq(sums: _Sums, ridge: float) -> torch.Tensor:
-        gram = sums.gram / sums.tokens
-        gram.diagonal().add_(ridge * gram.diagonal().mean())
-        return torch.linalg.solve(gram, (sums.cross / sums.tokens).T).T
+        """S with S (G + ridge * mean(diag G) I) = C. The ridge is relative to the mean diagonal, so the token count
+        cancels and the sums are solved as they are; the ridge goes onto the diagonal in place and the diagonal is
+        restored exactly afterwards: no copy of a Gram matrix that is tens of MB for a wide MLP projection."""
+        diagonal = sums.gram.diagonal()
+        saved = diagonal.clone()
+        diagonal.add_(ridge * saved.mean())
+        try:
+            return torch.linalg.solve(sums.gram, sums.cross, left=False)
+        finally:
+            diagonal.copy_(saved)
 
     @staticmethod
     def _split(solution: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.zeroshot_summary import render, summarise
+from benchmarks.zeroshot_summary import merge_runs, render, summarise
 
 
 def _run(piqa: list[int], lambada: list[int]) -> dict:
@@ -35,3 +35,12 @@ def test_runs_on_different_items_are_refused():
     other = _run([1, 1, 1], [1, 1, 0])
     with pytest.raises(ValueError, match="different"):
         summarise({"dense": dense, "other": other}, None, None)
+
+
+def test_evals_of_one_model_on_different_tasks_join_into_one_run():
+    whole = _run([1, 0, 1, 0], [1, 1, 0, 0])
+    piqa = {"model": "m", "zero_shot": {"tasks": {"piqa": whole["zero_shot"]["tasks"]["piqa"]}}}
+    lambada = {"model": "m", "zero_shot": {"tasks": {"lambada": whole["zero_shot"]["tasks"]["lambada"]}}}
+    assert merge_runs([piqa, lambada]) == whole
+    with pytest.raises(ValueError, match="more than one"):
+        merge_runs([piqa, piqa])

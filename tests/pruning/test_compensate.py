@@ -69,6 +69,9 @@ def test_least_squares_fits_the_removed_columns_from_the_kept_ones():
     x = torch.randn(200, 5, dtype=torch.float64, generator=generator)
     moments = ProjectionMoments(weight, kept, removed, "lstsq")
     moments.add(x)
+    gram = moments.fit.gram.clone()
+    delta, bias, _ = moments.solve(ridge=0.1)
+    assert torch.equal(moments.fit.gram, gram)  # the ridge went onto the diagonal in place and came off exactly
     delta, bias, _ = moments.solve(ridge=0.0)
     design = torch.cat([x[:, kept], torch.ones(200, 1, dtype=torch.float64)], 1)
     expected = torch.linalg.lstsq(design, x[:, removed] @ weight[:, removed].T).solution.T
