@@ -63,8 +63,9 @@ class ProjectionMoments:
         sums.tokens += x.shape[0]
         if self.mode == "lstsq":
             z = torch.cat([x[:, self.kept], torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
-            sums.gram += z.T @ z
-            sums.cross += (x[:, self.removed] @ self.weight_removed.T).T @ z
+            # accumulated in place: a product the size of the Gram matrix never exists beside it
+            sums.gram.addmm_(z.T, z)
+            sums.cross.addmm_((x[:, self.removed] @ self.weight_removed.T).T, z)
 
     def solve(self, ridge: float) -> tuple[torch.Tensor | None, torch.Tensor, str]:
         """(change of the kept columns or None, bias to add, what was chosen). Without held-out windows: the
