@@ -13,6 +13,7 @@ SECTIONS = [
     ("Cross-domain quality: calibrate on one source, judge on other genres", "crossdomain.md", None),
     ("Cross-domain: every run under the default calibration, ranked", "crossdomain-mix.md",
      "python benchmarks/crossdomain_summary.py --name crossdomain-mix benchmarks/results/crossdomain-bench/mix*.json"),
+    (None, "zeroshot-section.md", None),  # benchmarks/zeroshot_summary.py's table with the runs behind it
     ("Cost of a whole prune against the FLAP recipe", "prune-cost.md",
      "python benchmarks/prune_cost.py --ratio 0.2 --recipe 'hywia-holdout=--compensate lstsq:holdout=0.25' "
      "--recipe 'flap=--criterion flap --compensate bias' --reference flap --name prune-cost"),
@@ -29,6 +30,7 @@ SECTIONS = [
     (None, "llama7b-section.md", None),  # the 7B-shaped prune: benchmarks/llama7b_shape.py's table with its notes
     ("Speed against the MAC ceiling", "speed.md", None),
     ("Speed of the default prune's widths", "speed-default.md", None),
+    (None, "speed-default-greedy-section.md", None),  # speed.py's table of the default's widths, decode unforced
     ("llama.cpp speed of exported GGUFs", "llamacpp_speed.md", None),
 ]
 

@@ -153,7 +153,7 @@ def test_chunked_decode_continues_exactly_where_it_stopped(tiny_model_factory):
     config = GenerationConfig(max_new_tokens=7, min_new_tokens=7, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         once = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
-    assert torch.equal(decoder.ids, once)
+    assert torch.equal(decoder.ids, once)  # the same tokens as a generate forced to full length by min_new_tokens
     assert chunk_sizes(7, 3) == [4, 3] and decoder.steps == 7 - 2
     assert chunk_sizes(128, 32) == [32] * 4 and chunk_sizes(3, 32) == [3]
 
