@@ -14,9 +14,9 @@ SECTIONS = [
     ("Cross-domain: every run under the default calibration, ranked", "crossdomain-mix.md",
      "python benchmarks/crossdomain_summary.py --name crossdomain-mix benchmarks/results/crossdomain-bench/mix*.json"),
     (None, "zeroshot-section.md", None),  # benchmarks/zeroshot_summary.py's table with the runs behind it
-    ("Cost of a whole prune against the FLAP recipe", "prune-cost.md",
-     "python benchmarks/prune_cost.py --ratio 0.2 --recipe 'hywia-holdout=--compensate lstsq:holdout=0.25' "
-     "--recipe 'flap=--criterion flap --compensate bias' --reference flap --name prune-cost"),
+    ("Cost of a whole prune against the FLAP recipe", "prune-cost-4.md",
+     "python benchmarks/prune_cost.py --ratio 0.2 --recipe 'hywia-default=' --recipe 'obs-mlp=--criterion obs "
+     "--attention none' --recipe 'flap=--criterion flap --compensate bias' --reference flap --name prune-cost-4"),
     ("Quality: criterion x allocation x compensation (no recovery tuning)", "ablation.md",
      "python benchmarks/ablation.py --ratios 0.2,0.5 --calib-samples 64 --eval-tokens 4096"),
     ("Variants tried on the way to the defaults", "variants.md", None),
