@@ -13,6 +13,9 @@ SECTIONS = [
     ("Cross-domain quality: calibrate on one source, judge on other genres", "crossdomain.md", None),
     ("Cross-domain: every run under the default calibration, ranked", "crossdomain-mix.md",
      "python benchmarks/crossdomain_summary.py --name crossdomain-mix benchmarks/results/crossdomain-bench/mix*.json"),
+    ("Cross-domain: the second calibration source (wiki) under the current defaults", "crossdomain-wiki-obs.md",
+     "python benchmarks/crossdomain_summary.py --name crossdomain-wiki-obs "
+     "benchmarks/results/crossdomain-bench/wiki-obs.json"),
     (None, "zeroshot-section.md", None),  # benchmarks/zeroshot_summary.py's table with the runs behind it
     ("Cost of a whole prune against the FLAP recipe", "prune-cost-4.md",
      "python benchmarks/prune_cost.py --ratio 0.2 --recipe 'hywia-default=' --recipe 'obs-mlp=--criterion obs "

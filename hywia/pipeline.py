@@ -118,6 +118,9 @@ class Pipeline:
         if getattr(compensation[1], "holdout", 0) > 0 and self.calibration.calib_samples < 2:
             raise InvalidRequestError("lstsq chooses its ridge on held-out windows, so it needs --calib-samples 2 or "
                                       "more; or give --compensate lstsq:holdout=0")
+        if getattr(criterion.settings, "validate", 0) > 0 and self.calibration.calib_samples < 2:
+            raise InvalidRequestError(f"{criterion.name}:validate checks its choice on held-out windows, so it needs "
+                                      "--calib-samples 2 or more")
         depth_weights = log_depth_weights(self.layer_indices) if allocation[0] == "log" else None
         keep = allocate_uniform(self.adapter, self.layer_indices, config.ratio, config.round_to, depth_weights)
         return PreparedRun(config, criterion, allocation, compensation, keep)
@@ -142,7 +145,8 @@ class Pipeline:
             specs = {i: self.adapter.group_specs(self.adapter.layers()[i]) for i in self.layer_indices}
             ctx = ScoringContext(self.model, self.adapter, self.layer_indices, specs, self.windows(), prepared.keep,
                                  self.runtime.seed, self.stats, self.progress, self._allocator(prepared),
-                                 prepared.compensation[0], partial(self._kept_groups, prepared))
+                                 prepared.compensation[0], partial(self._kept_groups, prepared),
+                                 getattr(prepared.compensation[1], "ridge", ScoringContext.ridge))
             with torch.random.fork_rng():
                 torch.manual_seed(self.runtime.seed)
                 return prepared.criterion.score(ctx)

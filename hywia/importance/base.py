@@ -35,6 +35,7 @@ class ScoringContext:
     allocate: Callable[[dict[LayerKind, torch.Tensor]], dict[LayerKind, int]] | None = None
     compensate: str = "none"  # what surgery will put in place of a removed group's output (see pruning.compensate)
     kept_groups: Callable[[dict[LayerKind, torch.Tensor]], dict[LayerKind, list[int]]] | None = None
+    ridge: float = 1e-2  # the least-squares compensation's ridge, in units of the mean diagonal
 
     def param(self, layer: int, name: str) -> torch.Tensor:
         """A weight of the layer (name relative to it) as float; loaded for the call when accelerate offloads it."""

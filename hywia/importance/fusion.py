@@ -24,9 +24,10 @@ blended; `obs` (the output error left after a least-squares refit, hywia.importa
 
 With `validate` > 0 that share of the calibration windows (the last ones) is held out: the blend learns on the rest,
 then the learned blend and each view alone (its own raw scores, so under a global allocation it is exactly that
-view's criterion) are cut hard at the target, removed groups replaced as the surgery will, and the one with the
-lowest LM loss on the held-out windows is returned: the fusion can become any single view when learning does not
-pay on windows it was not fitted on.
+view's criterion) are cut hard at the target, removed groups replaced as the surgery will (under `lstsq`: by their
+least-squares prediction from the kept groups, fitted on the other windows, hywia.importance.refit; under `bias`: by
+their mean), and the one with the lowest LM loss on the held-out windows is returned: the fusion can become any
+single view when learning does not pay on windows it was not fitted on.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from .collect import lm_loss
 from .flap import fluctuation_scores
 from .layerwise import HEAD_CHECK_TOKENS, chunked_loss, final_hidden, forward_replaced, head_is_last
 from .obs import OptimalBrainSurgeon
+from .refit import refit_held_out_losses
 from .taylor import taylor_scores
 
 FINE_ORDER = 1
@@ -229,8 +231,7 @@ class HywiaFusion(Criterion):
         learned_log_scale = log_scale.detach()
         learned = {k: scores[k] * float(learned_log_scale[i].exp()) for i, k in enumerate(keys)}
         candidates = {"learned": learned, **{v: raw[v] for v in names}}
-        validation = ({name: _held_out_loss(ctx, candidate, held_out) for name, candidate in candidates.items()}
-                      if held_out.shape[0] else {})
+        validation = _validation_losses(ctx, candidates, fit, held_out) if held_out.shape[0] else {}
         choice = min(validation, key=validation.get) if validation else "learned"
         self._summary = {
             "views": names,
@@ -347,13 +348,23 @@ class HywiaFusion(Criterion):
         return losses
 
 
-@torch.no_grad()
-def _held_out_loss(ctx: ScoringContext, scores: dict[LayerKind, torch.Tensor], batches: torch.Tensor) -> float:
-    """Mean LM loss on `batches` with the groups these scores would remove gated off hard (replaced as the surgery
-    will), allocated and selected as the pipeline will (`ctx.kept_groups`)."""
+def _validation_losses(ctx: ScoringContext, candidates: dict[str, dict[LayerKind, torch.Tensor]], fit: torch.Tensor,
+                       held_out: torch.Tensor) -> dict[str, float]:
+    """Each candidate's mean LM loss on the held-out windows, its groups allocated and selected as the pipeline will
+    (`ctx.kept_groups`) and the removed ones replaced as the surgery will: predicted by least squares fitted on the
+    other windows (hywia.importance.refit) for `lstsq`, by their mean for `bias`, by zero for `none`."""
     if ctx.kept_groups is None:
         raise InvalidRequestError("hywia:validate needs the pipeline's plan selection (ScoringContext.kept_groups)")
-    kept = ctx.kept_groups(scores)
+    kept = {name: ctx.kept_groups(scores) for name, scores in candidates.items()}
+    if ctx.compensate == "lstsq":
+        return refit_held_out_losses(ctx, kept, fit, held_out, ctx.ridge)
+    return {name: _held_out_loss(ctx, groups, held_out) for name, groups in kept.items()}
+
+
+@torch.no_grad()
+def _held_out_loss(ctx: ScoringContext, kept: dict[LayerKind, list[int]], batches: torch.Tensor) -> float:
+    """Mean LM loss on `batches` with the groups outside `kept` gated off hard, replaced by their mean (or zero
+    without compensation)."""
     specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
     device = next(ctx.model.parameters()).device
     gates = {}

@@ -25,12 +25,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import replay_start
+from ..models import GroupSpec
 from ..offload import execution_device, resident
 from .base import Criterion, LayerKind, ScoringContext, register_criterion
 
@@ -103,23 +107,33 @@ def output_grams(ctx: ScoringContext) -> Iterator[tuple[LayerKind, torch.Tensor]
         layer = layers[index]
         specs = ctx.specs.get(index, []) if index in ctx.layer_indices else []
         sums: dict[str, torch.Tensor] = {}
-        handles = []
-        for spec in specs:
-            def accumulate(module, args, name=spec.gate_module):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double().cpu()
-                z = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
-                sums[name] = sums[name] + z.T @ z if name in sums else z.T @ z
-            handles.append(layer.get_submodule(spec.gate_module).register_forward_pre_hook(accumulate))
-        try:
-            with resident(layer), torch.no_grad():
-                device = execution_device(layer)
-                for sample, call in enumerate(calls[index]):
-                    hidden[sample] = call.run(layer, hidden[sample].to(device)).cpu()
-        finally:
-            for handle in handles:
-                handle.remove()
+        with gram_sums(layer, specs, sums), resident(layer), torch.no_grad():
+            device = execution_device(layer)
+            for sample, call in enumerate(calls[index]):
+                hidden[sample] = call.run(layer, hidden[sample].to(device)).cpu()
         for spec in specs:
             yield (index, spec.kind), sums.pop(spec.gate_module) / ctx.batches.numel()
+
+
+@contextmanager
+def gram_sums(layer: nn.Module, specs: list[GroupSpec], sums: dict[str, torch.Tensor]) -> Iterator[None]:
+    """While the block runs, add [x; 1] [x; 1]^T (float64, CPU) of every token that enters each spec's output
+    projection into `sums[gate_module]`, in place."""
+
+    def accumulate(module, args, name):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double().cpu()
+        z = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+        if name not in sums:
+            sums[name] = torch.zeros(z.shape[1], z.shape[1], dtype=torch.float64)
+        sums[name].addmm_(z.T, z)
+
+    handles = [layer.get_submodule(spec.gate_module).register_forward_pre_hook(
+        partial(accumulate, name=spec.gate_module)) for spec in specs]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @register_criterion("obs")

@@ -229,9 +229,26 @@ def test_held_out_loss_is_the_loss_of_the_physically_pruned_model(tiny_model_fac
     ctx = _context(model)
     scores = get_criterion("magnitude").score(ctx)
     held = ctx.batches[2:]
-    gated = _held_out_loss(ctx, scores, held)
+    gated = _held_out_loss(ctx, ctx.kept_groups(scores), held)
     pruned = copy.deepcopy(model)
     apply_plan(pruned, select(adapter_for(pruned, "heads"), scores, ctx.keep))
     with torch.no_grad():
         cut = sum(float(lm_loss(pruned, held[i:i + 1])) for i in range(held.shape[0])) / held.shape[0]
     assert gated == pytest.approx(cut, rel=1e-5)
+
+
+def test_validated_fusion_judges_a_least_squares_cut_by_its_refit(tiny_model_factory):
+    """Under `lstsq` the candidates' held-out losses are those of their cuts with the removed inputs predicted by
+    least squares on the other windows, not replaced by their means."""
+    import dataclasses
+
+    from hywia.importance.refit import refit_held_out_losses
+
+    ctx = dataclasses.replace(_context(tiny_model_factory("llama")), compensate="lstsq")
+    fusion = HywiaFusion(steps=2, batch_size=2, validate=0.5, views="fine+obs")
+    scores = fusion.score(ctx)
+    summary = fusion.summary()
+    fit, held = ctx.batches[:2], ctx.batches[2:]
+    refit = refit_held_out_losses(ctx, {"chosen": ctx.kept_groups(scores)}, fit, held, ctx.ridge)["chosen"]
+    assert summary["held_out_loss"][summary["choice"]] == pytest.approx(refit, rel=1e-9)
+    assert set(summary["held_out_loss"]) == {"learned", "fine", "obs"}
