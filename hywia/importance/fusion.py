@@ -22,6 +22,12 @@ by the loss-based views alone kept far worse groups at 50% (the ablation in BENC
 blended; `obs` (the output error left after a least-squares refit, hywia.importance.obs) is the one that sees what
 `--compensate lstsq` will do.
 
+With `refit` (under `--compensate lstsq`) the objective sees the least-squares surgery instead: a gated-off group
+is replaced by its least-squares prediction from the core groups (hywia.importance.refit.core_predictions): those
+taken to stay whatever the blend learns, the highest under equal weights once 1.5 times what the starting allocation
+removes is left out (at least a quarter of each layer and kind). The refit lets kept groups stand in for removed ones; the mean cannot, so under it the views that
+suit the refit (obs) look worse than they are. The predictions are fitted once, on the dense model's inputs.
+
 With `validate` > 0 that share of the calibration windows (the last ones) is held out: the blend learns on the rest,
 then the learned blend and each view alone (its own raw scores, so under a global allocation it is exactly that
 view's criterion) are cut hard at the target, removed groups replaced as the surgery will (under `lstsq`: by their
@@ -35,6 +41,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, ClassVar
 
 import torch
@@ -48,11 +55,13 @@ from .collect import lm_loss
 from .flap import fluctuation_scores
 from .layerwise import HEAD_CHECK_TOKENS, chunked_loss, final_hidden, forward_replaced, head_is_last
 from .obs import OptimalBrainSurgeon
-from .refit import refit_held_out_losses
+from .refit import CorePrediction, core_predictions, refit_held_out_losses
 from .taylor import taylor_scores
 
 FINE_ORDER = 1
 COARSE_ORDER = 1
+CORE_MARGIN = 1.5  # `refit`: the core leaves out this many times the groups the starting allocation removes
+MIN_CORE_SHARE = 0.25  # and keeps at least this share (the global allocation's floor)
 VIEWS = ("fine", "coarse", "fluctuation")  # the default views
 KNOWN_VIEWS = VIEWS + ("obs",)
 
@@ -148,7 +157,9 @@ class FusionSettings:
     """The learned blend's optimisation: Adam steps on `batch_size` calibration windows each, at learning rate `lr`;
     the soft gates' temperature anneals geometrically from start to end (`log_temperature_*` for the global
     allocation's gates on log score per parameter). `views`: the views blended, joined by '+'; `validate`: the
-    share of calibration windows held out to choose between the learned blend and each view alone (0: none)."""
+    share of calibration windows held out to choose between the learned blend and each view alone (0: none);
+    `refit`: under `lstsq`, a gated-off group is replaced by its least-squares prediction from the core groups
+    (`core_predictions`) instead of its mean."""
 
     steps: int = 24
     batch_size: int = 4
@@ -159,6 +170,7 @@ class FusionSettings:
     log_temperature_end: float = 0.05
     views: str = "+".join(VIEWS)
     validate: float = 0.0
+    refit: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
@@ -219,13 +231,19 @@ class HywiaFusion(Criterion):
             alphas = {k: attention(tokens[k], context[k]) for k in keys}
             return {k: sum(alphas[k][:, i] * views[v][k] for i, v in enumerate(names)) for k in keys}, alphas
 
-        if ctx.allocate is None:
-            losses = self._learn_uniform(ctx, attention, blend, fit) if self.settings.steps else []
+        equal = {k: sum(views[v][k] for v in names) / len(names) for k in keys}
+        # The soft mask sees the global allocation: one threshold over all layers, on score per parameter.
+        keep = ctx.keep if ctx.allocate is None else ctx.allocate({k: equal[k] * scale[k] for k in keys})
+        specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
+        refit = self.settings.refit and ctx.compensate == "lstsq" and self.settings.steps > 0
+        cores = _cores(equal, keep, ctx.keep) if refit else {}
+        replacements = _replacements(ctx, specs, core_predictions(ctx, cores, fit, ctx.ridge) if cores else None)
+        if not self.settings.steps:
+            losses = []
+        elif ctx.allocate is None:
+            losses = self._learn_uniform(ctx, attention, blend, fit, replacements)
         else:
-            # The soft mask sees the global allocation: one threshold over all layers, on score per parameter.
-            keep = ctx.allocate({k: sum(views[v][k] for v in names) / len(names) * scale[k] for k in keys})
-            losses = (self._learn_global(ctx, attention, blend, log_scale, keys, keep, fit)
-                      if self.settings.steps else [])
+            losses = self._learn_global(ctx, attention, blend, log_scale, keys, keep, fit, replacements)
         with torch.no_grad():
             scores, alphas = blend()
         learned_log_scale = log_scale.detach()
@@ -248,6 +266,8 @@ class HywiaFusion(Criterion):
             "held_out_windows": int(held_out.shape[0]),
             "held_out_loss": validation,
             "choice": choice,
+            "refit_core_share": (sum(len(c) for c in cores.values()) / sum(specs[k].count for k in cores)
+                                 if cores else None),
         }
         return candidates[choice]
 
@@ -264,8 +284,8 @@ class HywiaFusion(Criterion):
         held = min(max(math.ceil(self.settings.validate * batches.shape[0]), 1), batches.shape[0] - 1)
         return batches[:-held], batches[-held:]
 
-    def _learn_uniform(self, ctx: ScoringContext, attention: FusionAttention, blend,
-                       batches: torch.Tensor) -> list[float]:
+    def _learn_uniform(self, ctx: ScoringContext, attention: FusionAttention, blend, batches: torch.Tensor,
+                       replacements: dict | None) -> list[float]:
         """Soft gates per layer and kind at the uniform allocation's share (tau = that share's quantile of I)."""
         specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
         removed_share = {k: 1 - ctx.keep[k] / specs[k].count for k in specs}
@@ -276,11 +296,11 @@ class HywiaFusion(Criterion):
                     for k, share in removed_share.items() if share > 0}
 
         temperature = (self.settings.temperature_start, self.settings.temperature_end)
-        return self._optimise(ctx, list(attention.parameters()), gates, temperature, batches)
+        return self._optimise(ctx, list(attention.parameters()), gates, temperature, batches, replacements)
 
     def _learn_global(
         self, ctx: ScoringContext, attention: FusionAttention, blend, log_scale: nn.Parameter,
-        keys: list[LayerKind], keep: dict[LayerKind, int], batches: torch.Tensor,
+        keys: list[LayerKind], keep: dict[LayerKind, int], batches: torch.Tensor, replacements: dict | None,
     ) -> list[float]:
         """Soft gates on log score per parameter against one global threshold, learning the layer scales too."""
         specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
@@ -301,12 +321,12 @@ class HywiaFusion(Criterion):
             return dict(zip(keys, soft.split([specs[k].count for k in keys])))
 
         temperature = (self.settings.log_temperature_start, self.settings.log_temperature_end)
-        return self._optimise(ctx, [*attention.parameters(), log_scale], gates, temperature, batches)
+        return self._optimise(ctx, [*attention.parameters(), log_scale], gates, temperature, batches, replacements)
 
     def _optimise(self, ctx: ScoringContext, params: list, gates_at, temperature: tuple[float, float],
-                  batches: torch.Tensor) -> list[float]:
-        """Minimise the LM loss of the frozen model under the soft gates on `batches`, annealing T; returns the
-        loss per step."""
+                  batches: torch.Tensor, replacements: dict | None) -> list[float]:
+        """Minimise the LM loss of the frozen model under the soft gates on `batches`, annealing T, gated-off
+        groups replaced by `replacements` (`_replacements`); returns the loss per step."""
         if batches.shape[0] == 0:
             raise InvalidRequestError("the learned fusion needs calibration samples")
         device = next(ctx.model.parameters()).device
@@ -320,8 +340,7 @@ class HywiaFusion(Criterion):
         gates: dict[LayerKind, torch.Tensor] = {}
         head = ctx.model.get_output_embeddings()
         chunked = head_is_last(ctx.model, batches[:1, :HEAD_CHECK_TOKENS].to(device))
-        with _frozen(ctx.model), _gated(ctx, specs, gates, _replacements(ctx, specs)), \
-                _recomputed(ctx.adapter.layers()):
+        with _frozen(ctx.model), _gated(ctx, specs, gates, replacements), _recomputed(ctx.adapter.layers()):
             for step in tqdm(range(steps), desc="fusion", disable=not ctx.progress, leave=False):
                 t = t_start * (t_end / t_start) ** (step / max(steps - 1, 1))
                 soft = gates_at(t)
@@ -410,19 +429,45 @@ def _frozen(model: nn.Module):
         model.train(was_training)
 
 
-def _replacements(ctx: ScoringContext, specs: dict) -> dict[LayerKind, torch.Tensor] | None:
-    """What a gated-off channel is replaced by: its calibration mean where the surgery compensates, else zero."""
+def _cores(equal: dict[LayerKind, torch.Tensor], keep: dict[LayerKind, int],
+           uniform_keep: dict[LayerKind, int]) -> dict[LayerKind, list[int]]:
+    """The groups of each (layer, kind) that the blend will keep whatever it learns: the highest under equal
+    weights, leaving out CORE_MARGIN times as many as the starting allocation removes (or the uniform one, if more),
+    but at least MIN_CORE_SHARE of the groups."""
+    cores = {}
+    for key, score in equal.items():
+        count = score.numel()
+        removed = max(count - keep[key], count - uniform_keep[key])
+        size = max(count - math.ceil(CORE_MARGIN * removed), math.ceil(MIN_CORE_SHARE * count))
+        cores[key] = sorted(score.argsort(descending=True)[:size].tolist())
+    return cores
+
+
+def _replacements(ctx: ScoringContext, specs: dict, predictions: dict[LayerKind, CorePrediction] | None = None
+                  ) -> dict[LayerKind, Callable[[torch.Tensor], torch.Tensor]] | None:
+    """What a gated-off channel is replaced by: where the surgery compensates, its least-squares prediction from
+    the core groups where `predictions` has one, else its calibration mean; zero where the surgery does not
+    compensate (None)."""
     if ctx.compensate == "none":
         return None
-    return {key: ctx.stats.act_sum[f"{ctx.adapter.layer_name(key[0])}.{spec.gate_module}.weight"] / ctx.stats.tokens
-            for key, spec in specs.items()}
+    replacements = {}
+    for key, spec in specs.items():
+        mean = ctx.stats.act_sum[f"{ctx.adapter.layer_name(key[0])}.{spec.gate_module}.weight"] / ctx.stats.tokens
+        replacements[key] = partial(_replaced, mean=mean, prediction=(predictions or {}).get(key))
+    return replacements
+
+
+def _replaced(x: torch.Tensor, mean: torch.Tensor, prediction: CorePrediction | None) -> torch.Tensor:
+    """The replacement of every input of `x`: its mean, or for the inputs `prediction` covers, their prediction."""
+    replacement = mean.to(x.device, x.dtype).expand_as(x)
+    return replacement if prediction is None else prediction.fill(x, replacement.clone())
 
 
 @contextmanager
 def _gated(ctx: ScoringContext, specs: dict, gates: dict[LayerKind, torch.Tensor],
-           means: dict[LayerKind, torch.Tensor] | None):
+           replacements: dict[LayerKind, Callable[[torch.Tensor], torch.Tensor]] | None):
     """Each group's contribution (the input of its output projection) passes by its current gate; the rest of the
-    way it is replaced by its mean (`means`) or by zero."""
+    way it is replaced (`replacements`: the input's replacement given the input) or zero."""
     hooks = []
     for (layer, kind), spec in specs.items():
         module = ctx.model.get_submodule(f"{ctx.adapter.layer_name(layer)}.{spec.gate_module}")
@@ -433,8 +478,8 @@ def _gated(ctx: ScoringContext, specs: dict, gates: dict[LayerKind, torch.Tensor
                 return None
             gate = gate.to(args[0].dtype).repeat_interleave(block)
             gated = args[0] * gate
-            if means is not None:
-                gated = gated + (1 - gate) * means[key].to(gated.device, gated.dtype)
+            if replacements is not None:
+                gated = gated + (1 - gate) * replacements[key](args[0])
             return (gated,) + tuple(args[1:])
 
         hooks.append(module.register_forward_pre_hook(hook))

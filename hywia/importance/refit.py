@@ -15,7 +15,9 @@ layer's Gram matrices and one candidate's predictors exist at a time.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -26,7 +28,7 @@ from ..calibration import replay_start
 from ..models import GroupSpec
 from ..offload import execution_device, resident
 from .base import LayerKind, ScoringContext
-from .obs import gram_sums
+from .obs import gram_sums, output_grams
 from .statistics import lm_loss
 
 
@@ -44,6 +46,37 @@ def predictor(gram: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor, rid
     system = gram[rows[:, None], rows]
     system.diagonal().add_(ridge * float(system.diagonal().mean()))
     return torch.linalg.solve(system, gram[rows[:, None], removed])
+
+
+@dataclass(frozen=True)
+class CorePrediction:
+    """The least-squares prediction of a projection's other inputs from its core inputs and a constant."""
+
+    core: torch.Tensor  # input columns of the core groups
+    others: torch.Tensor  # input columns of the other groups
+    weights: torch.Tensor  # B^T, [|core| + 1, |others|], float32
+
+    def fill(self, x: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
+        """`replacement` (shaped as `x`) with its other columns set to their prediction from `x`'s core columns."""
+        z = torch.cat([x[..., self.core], x.new_ones(*x.shape[:-1], 1)], -1)
+        replacement[..., self.others] = z @ self.weights.to(x.device, x.dtype)
+        return replacement
+
+
+def core_predictions(ctx: ScoringContext, cores: dict[LayerKind, list[int]], batches: torch.Tensor,
+                     ridge: float) -> dict[LayerKind, CorePrediction]:
+    """For each (layer, kind) in `cores`, the prediction of its other groups' inputs from its core groups' inputs,
+    fitted on the dense model's inputs over `batches`: what the least-squares compensation will let a removed
+    group become while the core stays. One layer's Gram matrices exist at a time."""
+    specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
+    predictions = {}
+    for key, gram in output_grams(dataclasses.replace(ctx, batches=batches)):
+        spec = specs[key]
+        others = sorted(set(range(spec.count)) - set(cores.get(key, range(spec.count))))
+        if others:
+            core, rest = input_columns(spec, cores[key]), input_columns(spec, others)
+            predictions[key] = CorePrediction(core, rest, predictor(gram, core, rest, ridge).float())
+    return predictions
 
 
 @contextmanager

@@ -66,3 +66,34 @@ def test_every_candidate_is_judged_on_its_own_cut(tiny_model_factory):
     assert losses["dense"] == pytest.approx(_loss(model, held_out), rel=1e-5)
     alone = refit_held_out_losses(ctx, {"magnitude": magnitude}, ctx.batches, held_out, 0.01)["magnitude"]
     assert losses["magnitude"] == alone and losses["magnitude"] != pytest.approx(losses["dense"], rel=1e-3)
+
+
+def test_gated_off_groups_replaced_by_their_core_prediction_are_the_refit_cut(tiny_model_factory):
+    """The fusion's `refit` objective with hard gates (core on, the rest off) is the cut that keeps the core, its
+    removed inputs predicted by least squares: the held-out loss of that cut."""
+    from hywia.importance.fusion import _frozen, _gated, _replacements
+    from hywia.importance.refit import core_predictions
+
+    model = tiny_model_factory("llama")
+    layer = 1
+    ctx = _context(model, "none", [layer], 0.1)
+    spec = ctx.specs[layer][0]
+    key = (layer, spec.kind)
+    core = list(range(0, spec.count, 2))
+    fit, held_out = ctx.batches[:4], _windows(3, 2)
+    predictions = core_predictions(ctx, {key: core}, fit, ridge=0.05)
+    gates = {key: torch.zeros(spec.count).index_fill_(0, torch.tensor(core), 1.0)}
+    with _frozen(model), _gated(ctx, {key: spec}, gates, _replacements(ctx, {key: spec}, predictions)):
+        gated = _loss(model, held_out)
+    expected = refit_held_out_losses(ctx, {"core": {key: core}}, fit, held_out, ridge=0.05)["core"]
+    assert gated == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_refit_objective_learns_and_reports_its_core(tiny_model_factory):
+    from hywia.importance.fusion import HywiaFusion
+
+    ctx = _context(tiny_model_factory("llama"), "heads", [0, 1, 2, 3], 0.3)
+    fusion = HywiaFusion(steps=2, batch_size=2, refit=True)
+    scores = fusion.score(ctx)
+    share = fusion.summary()["refit_core_share"]
+    assert 0.25 <= share < 1 and all(torch.isfinite(score).all() for score in scores.values())
