@@ -15,7 +15,7 @@ SECTIONS = [
      "python benchmarks/crossdomain_summary.py --name crossdomain-mix benchmarks/results/crossdomain-bench/mix*.json"),
     ("Cross-domain: the second calibration source (wiki) under the current defaults", "crossdomain-wiki-obs.md",
      "python benchmarks/crossdomain_summary.py --name crossdomain-wiki-obs "
-     "benchmarks/results/crossdomain-bench/wiki-obs.json"),
+     "benchmarks/results/crossdomain-bench/wiki-obs.json benchmarks/results/crossdomain-bench/wiki-50.json"),
     (None, "zeroshot-section.md", None),  # benchmarks/zeroshot_summary.py's table with the runs behind it
     ("Cost of a whole prune against the FLAP recipe", "prune-cost-4.md",
      "python benchmarks/prune_cost.py --ratio 0.2 --recipe 'hywia-default=' --recipe 'obs-mlp=--criterion obs "
