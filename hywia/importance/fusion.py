@@ -25,8 +25,9 @@ blended; `obs` (the output error left after a least-squares refit, hywia.importa
 With `refit` (under `--compensate lstsq`) the objective sees the least-squares surgery instead: a gated-off group
 is replaced by its least-squares prediction from the core groups (hywia.importance.refit.core_predictions): those
 taken to stay whatever the blend learns, the highest under equal weights once 1.5 times what the starting allocation
-removes is left out (at least a quarter of each layer and kind). The refit lets kept groups stand in for removed ones; the mean cannot, so under it the views that
-suit the refit (obs) look worse than they are. The predictions are fitted once, on the dense model's inputs.
+removes is left out (at least a quarter of each layer and kind). The refit lets kept groups stand in for removed
+ones; the mean cannot, so under it the views that suit the refit (obs) look worse than they are. The predictions
+are fitted once, on the dense model's inputs.
 
 With `validate` > 0 that share of the calibration windows (the last ones) is held out: the blend learns on the rest,
 then the learned blend and each view alone (its own raw scores, so under a global allocation it is exactly that
@@ -55,7 +56,7 @@ from .collect import lm_loss
 from .flap import fluctuation_scores
 from .layerwise import HEAD_CHECK_TOKENS, chunked_loss, final_hidden, forward_replaced, head_is_last
 from .obs import OptimalBrainSurgeon
-from .refit import CorePrediction, core_predictions, refit_held_out_losses
+from .refit import InputPrediction, core_predictions, refit_held_out_losses
 from .taylor import taylor_scores
 
 FINE_ORDER = 1
@@ -443,7 +444,7 @@ def _cores(equal: dict[LayerKind, torch.Tensor], keep: dict[LayerKind, int],
     return cores
 
 
-def _replacements(ctx: ScoringContext, specs: dict, predictions: dict[LayerKind, CorePrediction] | None = None
+def _replacements(ctx: ScoringContext, specs: dict, predictions: dict[LayerKind, InputPrediction] | None = None
                   ) -> dict[LayerKind, Callable[[torch.Tensor], torch.Tensor]] | None:
     """What a gated-off channel is replaced by: where the surgery compensates, its least-squares prediction from
     the core groups where `predictions` has one, else its calibration mean; zero where the surgery does not
@@ -457,7 +458,7 @@ def _replacements(ctx: ScoringContext, specs: dict, predictions: dict[LayerKind,
     return replacements
 
 
-def _replaced(x: torch.Tensor, mean: torch.Tensor, prediction: CorePrediction | None) -> torch.Tensor:
+def _replaced(x: torch.Tensor, mean: torch.Tensor, prediction: InputPrediction | None) -> torch.Tensor:
     """The replacement of every input of `x`: its mean, or for the inputs `prediction` covers, their prediction."""
     replacement = mean.to(x.device, x.dtype).expand_as(x)
     return replacement if prediction is None else prediction.fill(x, replacement.clone())

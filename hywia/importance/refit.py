@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterator
 
 import torch
@@ -32,12 +33,6 @@ from .obs import gram_sums, output_grams
 from .statistics import lm_loss
 
 
-def input_columns(spec: GroupSpec, groups: list[int]) -> torch.Tensor:
-    """The output projection's input columns that these groups feed."""
-    first = torch.tensor(groups, dtype=torch.long)[:, None] * spec.gate_block
-    return (first + torch.arange(spec.gate_block)).reshape(-1)
-
-
 def predictor(gram: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor, ridge: float) -> torch.Tensor:
     """B^T [|K| + 1, |R|]: the ridge least-squares prediction of the removed inputs from the kept ones and a
     constant (module docstring), the ridge in units of the mean diagonal as the compensation adds it."""
@@ -49,52 +44,55 @@ def predictor(gram: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor, rid
 
 
 @dataclass(frozen=True)
-class CorePrediction:
-    """The least-squares prediction of a projection's other inputs from its core inputs and a constant."""
+class InputPrediction:
+    """The least-squares prediction of a projection's removed inputs from its kept inputs and a constant."""
 
-    core: torch.Tensor  # input columns of the core groups
-    others: torch.Tensor  # input columns of the other groups
-    weights: torch.Tensor  # B^T, [|core| + 1, |others|], float32
+    kept: torch.Tensor  # input columns of the kept groups
+    removed: torch.Tensor  # input columns of the other groups
+    weights: torch.Tensor  # B^T, [|kept| + 1, |removed|]; the prediction is computed in its dtype
 
     def fill(self, x: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
-        """`replacement` (shaped as `x`) with its other columns set to their prediction from `x`'s core columns."""
-        z = torch.cat([x[..., self.core], x.new_ones(*x.shape[:-1], 1)], -1)
-        replacement[..., self.others] = z @ self.weights.to(x.device, x.dtype)
+        """`replacement` (shaped as `x`) with its removed columns set to their prediction from `x`'s kept ones."""
+        dtype = self.weights.dtype
+        z = torch.cat([x[..., self.kept].to(dtype), x.new_ones(*x.shape[:-1], 1, dtype=dtype)], -1)
+        replacement[..., self.removed] = (z @ self.weights.to(x.device)).to(x.dtype)
         return replacement
 
 
+def input_prediction(gram: torch.Tensor, spec: GroupSpec, kept: list[int], ridge: float,
+                     dtype: torch.dtype = torch.float64) -> InputPrediction | None:
+    """The prediction of the inputs of `spec`'s groups outside `kept` from those of `kept` (`gram`: the Gram matrix
+    of [x; 1] at its gate module); None when every group is kept."""
+    kept_columns, removed_columns = spec.gate_columns(kept)
+    if not removed_columns.numel():
+        return None
+    return InputPrediction(kept_columns, removed_columns,
+                           predictor(gram, kept_columns, removed_columns, ridge).to(dtype))
+
+
 def core_predictions(ctx: ScoringContext, cores: dict[LayerKind, list[int]], batches: torch.Tensor,
-                     ridge: float) -> dict[LayerKind, CorePrediction]:
-    """For each (layer, kind) in `cores`, the prediction of its other groups' inputs from its core groups' inputs,
-    fitted on the dense model's inputs over `batches`: what the least-squares compensation will let a removed
-    group become while the core stays. One layer's Gram matrices exist at a time."""
+                     ridge: float) -> dict[LayerKind, InputPrediction]:
+    """For each (layer, kind) in `cores`, the prediction (float32) of its other groups' inputs from its core groups'
+    inputs, fitted on the dense model's inputs over `batches`: what the least-squares compensation will let a
+    removed group become while the core stays. One layer's Gram matrices exist at a time."""
     specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
     predictions = {}
     for key, gram in output_grams(dataclasses.replace(ctx, batches=batches)):
-        spec = specs[key]
-        others = sorted(set(range(spec.count)) - set(cores.get(key, range(spec.count))))
-        if others:
-            core, rest = input_columns(spec, cores[key]), input_columns(spec, others)
-            predictions[key] = CorePrediction(core, rest, predictor(gram, core, rest, ridge).float())
+        prediction = input_prediction(gram, specs[key], cores[key], ridge, torch.float32) if key in cores else None
+        if prediction is not None:
+            predictions[key] = prediction
     return predictions
 
 
 @contextmanager
-def _predicted_inputs(layer: nn.Module, predictors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-                      ) -> Iterator[None]:
-    """While the block runs, each projection named in `predictors` (kept columns, removed columns, B^T) sees its
-    removed inputs replaced by their prediction from the kept ones."""
+def _predicted_inputs(layer: nn.Module, predictions: dict[str, InputPrediction]) -> Iterator[None]:
+    """While the block runs, each projection named in `predictions` sees its removed inputs replaced by their
+    prediction from the kept ones."""
 
     def hook(module, args, name):
-        kept, removed, weights = predictors[name]
-        x = args[0]
-        z = torch.cat([x[..., kept].double(), x.new_ones(*x.shape[:-1], 1, dtype=torch.float64)], -1)
-        replaced = x.clone()
-        replaced[..., removed] = (z @ weights.to(x.device)).to(x.dtype)
-        return (replaced,) + tuple(args[1:])
+        return (predictions[name].fill(args[0], args[0].clone()),) + tuple(args[1:])
 
-    handles = [layer.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: hook(m, a, name))
-               for name in predictors]
+    handles = [layer.get_submodule(name).register_forward_pre_hook(partial(hook, name=name)) for name in predictions]
     try:
         yield
     finally:
@@ -137,18 +135,15 @@ def refit_held_out_losses(ctx: ScoringContext, kept: dict[str, dict[LayerKind, l
                 for sample, call in enumerate(fit_calls[index]):
                     fit_hidden[sample] = call.run(layer, fit_hidden[sample].to(device)).cpu()
             for name, groups in kept.items():
-                predictors = {}
+                predictions = {}
                 for spec in specs:
-                    kept_groups = groups.get((index, spec.kind), list(range(spec.count)))
-                    if len(kept_groups) == spec.count:
-                        continue
-                    removed_groups = sorted(set(range(spec.count)) - set(kept_groups))
-                    columns = input_columns(spec, kept_groups), input_columns(spec, removed_groups)
-                    predictors[spec.gate_module] = (*columns, predictor(grams[spec.gate_module], *columns, ridge))
-                with _predicted_inputs(layer, predictors):
+                    prediction = input_prediction(grams[spec.gate_module], spec,
+                                                  groups.get((index, spec.kind), list(range(spec.count))), ridge)
+                    if prediction is not None:
+                        predictions[spec.gate_module] = prediction
+                with _predicted_inputs(layer, predictions):
                     for sample, call in enumerate(held_calls[index]):
                         hidden[name][sample] = call.run(layer, hidden[name][sample].to(device)).cpu()
-        grams.clear()
     return {name: sum(_loss_above(ctx.model, layers[high], held_out[sample], state[sample])
                       for sample in range(held_out.shape[0])) / held_out.shape[0]
             for name, state in hidden.items()}

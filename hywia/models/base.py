@@ -53,6 +53,14 @@ class GroupSpec:
     gate_block: int
     kv_groups: int = 1  # "head" kind: query head h reads KV group h // (count / kv_groups) (HF's repeat_kv)
 
+    def gate_columns(self, kept: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate module's input columns that the kept groups and that the other groups feed, each ascending."""
+        removed = torch.ones(self.count, dtype=torch.bool)
+        removed[kept] = False
+        block = torch.arange(self.gate_block)
+        return (((~removed).nonzero() * self.gate_block + block).reshape(-1),
+                (removed.nonzero() * self.gate_block + block).reshape(-1))
+
     def indices(self, groups: torch.Tensor, s: TensorSlice) -> torch.Tensor:
         """Element indices along `s.dim` owned by `groups`."""
         block = torch.arange(s.block, device=groups.device)

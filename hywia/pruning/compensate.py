@@ -127,16 +127,6 @@ class ProjectionMoments:
         return solution[:, :-1], solution[:, -1]
 
 
-def _columns(spec: GroupSpec, kept_groups: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input columns of the output projection that the kept and the removed groups feed."""
-    removed = torch.ones(spec.count, dtype=torch.bool)
-    removed[kept_groups] = False
-    block = torch.arange(spec.gate_block)
-    kept_cols = ((~removed).nonzero() * spec.gate_block + block).reshape(-1)
-    removed_cols = (removed.nonzero() * spec.gate_block + block).reshape(-1)
-    return kept_cols, removed_cols
-
-
 @contextmanager
 def _masked_inputs(layer: nn.Module, specs: list[GroupSpec], masks: dict[str, torch.Tensor],
                    seen: dict[str, torch.Tensor]) -> Iterator[None]:
@@ -194,7 +184,7 @@ def _compensate_layer(layer: nn.Module, specs: list[GroupSpec], keep: dict[str, 
     ridge; returns each projection's choice."""
     device = execution_device(layer)
     choices = []
-    columns = {s.gate_module: _columns(s, keep[s.kind]) for s in specs}
+    columns = {s.gate_module: s.gate_columns(keep[s.kind]) for s in specs}
     masks = {}
     for s in specs:
         width = layer.get_submodule(s.gate_module).in_features
