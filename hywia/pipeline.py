@@ -26,6 +26,7 @@ from .pruning import (PruningPlan, allocate_global, allocate_uniform, apply_plan
                       select)
 from .pruning.compensate import compensate
 from .pruning.plan import log_depth_weights, resolve_round_to
+from .pruning.search import projection_grams, search_profile
 from .pruning.methods import parse_allocation, parse_compensation
 from .settings import CalibrationConfig, PruneConfig, RuntimeConfig, format_spec
 
@@ -40,6 +41,7 @@ class PreparedRun:
     allocation: tuple[str, object]
     compensation: tuple[str, object]
     keep: dict[LayerKind, int]
+    search: dict = field(default_factory=dict)  # what `--allocation search` found (`pruning.search.search_profile`)
 
     def resolved(self) -> PruneConfig:
         """The config with every method setting written out (what a recipe stores)."""
@@ -96,6 +98,7 @@ class Pipeline:
         check_seq_len_fits(model.config, calibration.seq_len)
         self.stats: Statistics | None = None
         self._windows = windows
+        self._grams: dict[LayerKind, torch.Tensor] | None = None  # for `--allocation search`, kept across its runs
 
     def windows(self) -> torch.Tensor:
         """The calibration windows (built once; the same for statistics, fusion and compensation)."""
@@ -113,7 +116,7 @@ class Pipeline:
         criterion, allocation, compensation = check_method(config)
         config = dataclasses.replace(config, round_to=resolve_round_to(self.adapter, self.layer_indices,
                                                                        config.round_to))
-        floor = allocation[1].floor if allocation[0] == "global" else None
+        floor = getattr(allocation[1], "floor", None)
         check_plan_request(self.adapter, self.layers, config.ratio, config.round_to, floor)
         if getattr(compensation[1], "holdout", 0) > 0 and self.calibration.calib_samples < 2:
             raise InvalidRequestError("lstsq chooses its ridge on held-out windows, so it needs --calib-samples 2 or "
@@ -152,13 +155,27 @@ class Pipeline:
                 return prepared.criterion.score(ctx)
 
     def plan(self, prepared: PreparedRun, scores: dict[LayerKind, torch.Tensor]) -> PruningPlan:
-        """Stage `plan`: the allocation's counts, and the highest-scored groups of each kind kept."""
+        """Stage `plan`: the allocation's counts (for `search`, the profile searched from the global allocation's),
+        and the highest-scored groups of each kind kept."""
         with self.log.stage("plan"):
-            return self._select(prepared, scores)
+            return self._select(prepared, scores, search=True)
 
-    def _select(self, prepared: PreparedRun, scores: dict[LayerKind, torch.Tensor]) -> PruningPlan:
+    def _select(self, prepared: PreparedRun, scores: dict[LayerKind, torch.Tensor],
+                search: bool = False) -> PruningPlan:
         allocate = self._allocator(prepared)
-        return select(self.adapter, scores, allocate(scores) if allocate else prepared.keep)
+        keep = allocate(scores) if allocate else prepared.keep
+        name, settings = prepared.allocation
+        if search and name == "search":
+            mode, compensation = prepared.compensation
+            if self._grams is None and mode != "none":
+                self._grams = projection_grams(self.model, self.adapter, self.layer_indices, self.windows(),
+                                               self.progress)
+            keep, prepared.search = search_profile(
+                self.model, self.adapter, self.layer_indices, scores, keep, self.windows(), mode, settings,
+                grams=self._grams, round_to=prepared.config.round_to,
+                ridge=getattr(compensation, "ridge", ScoringContext.ridge), seed=self.runtime.seed,
+                progress=self.progress)
+        return select(self.adapter, scores, keep)
 
     def _kept_groups(self, prepared: PreparedRun, scores: dict[LayerKind, torch.Tensor]) -> dict[LayerKind, list[int]]:
         """The groups the plan from `scores` keeps, per (layer, kind): what a criterion may check a candidate by."""
@@ -228,6 +245,8 @@ class Pipeline:
         }
         if pruned.compensation:
             record["compensation_fits"] = pruned.compensation
+        if pruned.prepared.search:
+            record["profile_search"] = pruned.prepared.search
         if abs(record["ratio_achieved"] - config.ratio) > 0.01:
             record["ratio_note"] = (
                 "achieved share differs from the request by more than 1 point: head granularity and the "
@@ -236,8 +255,10 @@ class Pipeline:
         return record
 
     def _allocator(self, prepared: PreparedRun):
+        """The score-dependent allocation criteria see: the global one, also for `search` (which starts from it;
+        a criterion never waits for a search)."""
         name, settings = prepared.allocation
-        if name != "global":
+        if name not in ("global", "search"):
             return None
         return partial(allocate_global, self.adapter, self.layer_indices, prepared.config.ratio,
                        floor=settings.floor, round_to=prepared.config.round_to)

@@ -125,7 +125,9 @@ class PruneConfig:
     criterion: str = _setting("hywia", "importance criterion, with its own settings as NAME[:KEY=VALUE]...")
     allocation: str = _setting("global", "uniform: the same share from every pruned layer; log: a share growing "
                                          "with the log of the layer's depth (SlimGPT); global: the groups of all "
-                                         "pruned layers ranked together, each layer keeping at least FLOOR")
+                                         "pruned layers ranked together, each layer keeping at least FLOOR; search: "
+                                         "the global profile improved by an evolutionary search on the dense "
+                                         "model's KL (EvoPress)")
     compensate: str = _setting("lstsq", "bias: fold the removed groups' mean output into a bias (FLAP); lstsq: "
                                         "refit the kept columns by least squares, the ridge (RIDGE x 10^-2..10^2 "
                                         "of the mean diagonal) or the bias alone chosen on a share HOLDOUT of "

@@ -84,6 +84,7 @@ def test_bad_eval_window_flags_are_refused_before_the_model_loads(tmp_path, caps
     (["--layers", "3:1"], "selects no layer of the model's 4 layers"),
     (["--round-to", "128"], "--round-to 128 is not below the MLP width of layer 0 (96 channels)"),
     (["--ratio", "0.6"], "cannot be reached with --allocation global"),
+    (["--ratio", "0.6", "--allocation", "search"], "every pruned layer keeps 25% of its heads and channels"),
     (["--ratio", "0.7", "--layers", "1:3", "--allocation", "uniform"], "would empty the pruned layers"),
 ])
 def test_flags_that_do_not_fit_the_model_are_refused_before_calibration(
@@ -130,6 +131,7 @@ def test_eval_refuses_bad_perplexity_text_before_loading_and_long_windows_after(
 @pytest.mark.parametrize("flags, message", [
     (["--criterion", "hywia:8"], "give settings as key=value"),
     (["--allocation", "global:floor=2"], "floor must lie in"),
+    (["--allocation", "search:survivors=9"], "survivors (9) cannot exceed offspring (8)"),
     (["--compensate", "lstsq:ridge=x"], "ridge must be float"),
     (["--compensate", "lstsq:holdout=1"], "holdout must lie in [0, 1)"),
     (["--seed", "one"], "seed must be int"),

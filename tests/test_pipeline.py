@@ -68,3 +68,26 @@ def test_the_default_round_to_is_resolved_per_model_and_recorded(tiny_model_fact
     assert narrow.prepare(PruneConfig(ratio=0.2, layers="0:4")).resolved().round_to == 1
     with pytest.raises(InvalidRequestError, match="--round-to 8 is not below the MLP width of layer 0"):
         narrow.prepare(PruneConfig(ratio=0.2, layers="0:4", round_to=8))
+
+
+def test_a_profile_search_moves_the_global_profile_at_the_same_share(tiny_model_factory, tiny_tokenizer,
+                                                                     calibration):
+    """`--allocation search` starts from the global allocation's counts and removes exactly as many parameters;
+    the report says what the search found, and the kept MLP widths stay multiples of --round-to."""
+    model = tiny_model_factory("llama", heads=8, kv_heads=2, layers=6, mlp=128)
+    pipeline = Pipeline(model, tiny_tokenizer, layers="1:5", calibration=calibration, progress=False)
+    searched, start = (pipeline.prepare(PruneConfig(ratio=0.3, criterion="magnitude", allocation=allocation,
+                                                    layers="1:5"))
+                       for allocation in ("search:generations=8:windows=2:levels=4", "global"))
+    pipeline.calibrate([searched, start])
+    found, reference = pipeline.run(searched, in_place=False), pipeline.run(start, in_place=False)
+    before = pipeline.adapter.num_decoder_params()
+    params = model.num_parameters()
+    record, global_record = (pipeline.summary(r, before, params) for r in (found, reference))
+    assert record["decoder_params_after"] == global_record["decoder_params_after"]
+    search = record["profile_search"]
+    assert search["kl"] <= search["start_kl"] and search["evaluations"] > 0
+    assert (found.plan != reference.plan) == bool(search["moved"])
+    assert all(len(kept) % 8 == 0 for kinds in found.plan.layers.values() for kind, kept in kinds.items()
+               if kind == "mlp")
+    assert "profile_search" not in global_record

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..settings import NoSettings, parse_spec
 from .plan import GLOBAL_FLOOR
+from .search import ProfileSearch
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,13 @@ class LeastSquares:
             raise ValueError(f"holdout must lie in [0, 1), got {self.holdout}")
 
 
-ALLOCATIONS: dict[str, type] = {"uniform": NoSettings, "log": NoSettings, "global": GlobalAllocation}
+ALLOCATIONS: dict[str, type] = {"uniform": NoSettings, "log": NoSettings, "global": GlobalAllocation,
+                                "search": ProfileSearch}
 COMPENSATIONS: dict[str, type] = {"none": NoSettings, "bias": NoSettings, "lstsq": LeastSquares}
 
 
-def parse_allocation(spec: str) -> tuple[str, NoSettings | GlobalAllocation]:
-    """`uniform`, `log` or `global[:floor=F]`."""
+def parse_allocation(spec: str) -> tuple[str, NoSettings | GlobalAllocation | ProfileSearch]:
+    """`uniform`, `log`, `global[:floor=F]` or `search[:floor=F][:generations=G]...` (`pruning.search`)."""
     return parse_spec(spec, ALLOCATIONS, "allocation")
 
 
