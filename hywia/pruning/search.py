@@ -113,7 +113,9 @@ def _mutate(parent: Profile, slots: dict[LayerKind, _Slot], rng: random.Random) 
                 donors.append(key)
             if child[key] + slot.step <= slot.spec.count:
                 receivers.append(key)
-        moves = [(d, r) for d, r in classes.values() if d and r and (len(d) > 1 or len(r) > 1 or d != r)]
+        moves = [([d for d in donors if any(r != d for r in receivers)], receivers)
+                 for donors, receivers in classes.values()]
+        moves = [(donors, receivers) for donors, receivers in moves if donors]
         if not moves:
             break
         donors, receivers = rng.choice(moves)

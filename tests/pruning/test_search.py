@@ -112,3 +112,24 @@ def test_search_settings_are_checked():
     for bad in ("search:survivors=9", "search:windows=0", "search:floor=1", "search:generations=-1"):
         with pytest.raises(InvalidRequestError):
             parse_allocation(bad)
+
+
+def test_a_move_needs_a_donor_and_a_different_receiver():
+    """Mutation moves only between two distinct (layer, kind)s of one step cost, never past a bound; with no such
+    pair the child is the parent."""
+    import random
+
+    from hywia.models import GroupSpec
+    from hywia.pruning.search import _mutate, _Slot
+
+    spec = GroupSpec("mlp", 8, (), "mlp.down_proj", 1)
+    slots = {(0, "mlp"): _Slot(spec, 2, 2, 10), (1, "mlp"): _Slot(spec, 2, 2, 10), (2, "mlp"): _Slot(spec, 2, 2, 99)}
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(50):  # layer 0 can only give, layer 1 only receive; layer 2 has no partner of its cost
+        child = _mutate({(0, "mlp"): 8, (1, "mlp"): 2, (2, "mlp"): 4}, slots, rng)
+        assert child[(2, "mlp")] == 4 and child[(0, "mlp")] + child[(1, "mlp")] == 10
+        seen.add(child[(0, "mlp")])
+    assert seen <= {8, 6, 4, 2} and 6 in seen  # a later move of the same child may undo an earlier one
+    assert _mutate({(0, "mlp"): 2, (1, "mlp"): 2, (2, "mlp"): 4}, slots, rng) == {(0, "mlp"): 2, (1, "mlp"): 2,
+                                                                                  (2, "mlp"): 4}
