@@ -104,10 +104,10 @@ def _top(
     current: dict[str, torch.Tensor] = {}
 
     def hand_over(*args, **kwargs):
-        return _as_output(current["hidden"], arity)
+        return as_layer_output(current["hidden"], arity)
 
     def pass_through(*args, **kwargs):
-        return _as_output(args[0] if args else kwargs["hidden_states"], arity)
+        return as_layer_output(args[0] if args else kwargs["hidden_states"], arity)
 
     head = model.get_output_embeddings()
     device, handover_device = execution_device(model), execution_device(layers[high])
@@ -216,7 +216,8 @@ def _layer(
         }
 
 
-def _as_output(hidden: torch.Tensor, arity: int):
+def as_layer_output(hidden: torch.Tensor, arity: int):
+    """What a decoder layer returns, from its hidden states: the tensor itself (arity 0) or a tuple of `arity`."""
     return hidden if arity == 0 else (hidden,) + (None,) * (arity - 1)
 
 

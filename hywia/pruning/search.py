@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..importance import ScoringContext
+from ..importance.layerwise import as_layer_output, forward_replaced
 from ..importance.obs import output_grams
 from ..importance.refit import InputPrediction, input_prediction
 from ..models import Adapter, GroupSpec, LayerKind
@@ -129,7 +130,8 @@ def _mutate(parent: Profile, slots: dict[LayerKind, _Slot], rng: random.Random) 
 class ProfileFitness:
     """KL divergence of the dense model's next-token distribution to a profile's, per token, on each of the first
     windows (module docstring). Every (layer, kind) variant and every window's value for a profile is computed
-    once."""
+    once. After `rebase(parent)`, a profile that differs from the parent first at layer a starts each window from
+    the parent's input to layer a: the layers below compute what they computed for the parent."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, scores: dict[LayerKind, torch.Tensor],
                  slots: dict[LayerKind, _Slot], windows: torch.Tensor, grams: dict[LayerKind, torch.Tensor],
@@ -140,17 +142,37 @@ class ProfileFitness:
         self._dense: list[torch.Tensor] = []
         self._variants: dict[tuple[LayerKind, int], InputPrediction | None] = {}
         self._values: dict[tuple, list[float]] = {}
+        self._inputs: dict[tuple, dict[int, dict[int, torch.Tensor]]] = {}  # profile -> window -> layer -> input
+        self._base: Profile | None = None
+        self._arity = 0  # a decoder layer's output: a tensor (0) or a tuple of this many
+        self._pruned = range(min(layer for layer, _ in slots), max(layer for layer, _ in slots) + 1)
 
     def __call__(self, profile: Profile, windows: int) -> float:
         """Mean KL over the first `windows` windows."""
-        values = self._values.setdefault(tuple(sorted(profile.items())), [])
+        key = _key(profile)
+        values = self._values.setdefault(key, [])
         while len(self._dense) < windows:  # before any variant is installed
             self._dense.append(self._log_probs(len(self._dense)))
         if len(values) < windows:
             with self._installed(profile):
                 for index in range(len(values), windows):
-                    values.append(self._kl(index))
+                    values.append(self._kl(index, profile, self._inputs.setdefault(key, {}).setdefault(index, {})))
         return sum(values[:windows]) / windows
+
+    def rebase(self, parent: Profile) -> None:
+        """Later profiles start from `parent`'s layer inputs (class docstring); those of other profiles are freed."""
+        self._base = dict(parent)
+        self._inputs = {_key(parent): self._inputs.get(_key(parent), {})}
+
+    def _first_changed(self, profile: Profile, index: int) -> int | None:
+        """The lowest layer where `profile` differs from the base, if the base's inputs of window `index` reach
+        it; None: run the whole model."""
+        if self._base is None:
+            return None
+        changed = [layer for (layer, kind), kept in profile.items() if kept != self._base[(layer, kind)]]
+        first = min(changed, default=None)
+        base_inputs = self._inputs.get(_key(self._base), {}).get(index, {})
+        return first if first is not None and first > 0 and first in base_inputs else None
 
     def _variant(self, key: LayerKind, kept_count: int) -> InputPrediction | None:
         """What replaces the removed inputs of `key` when it keeps `kept_count` groups; None when it keeps all."""
@@ -177,14 +199,63 @@ class ProfileFitness:
                 handle.remove()
 
     @torch.no_grad()
-    def _log_probs(self, index: int) -> torch.Tensor:
+    def _log_probs(self, index: int, start: int | None = None,
+                   inputs: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """Log-probabilities of window `index` under the installed variants. From layer `start` on (the layers
+        below standing aside and the one under it handing over the base's input); the inputs of the pruned layers
+        from there up are recorded into `inputs`, the base's below."""
+        layers = self.adapter.layers()
         ids = self.windows[index][None].to(execution_device(self.model))
-        return F.log_softmax(self.model(input_ids=ids, use_cache=False).logits[0].float(), -1)
+        handles = []
+        if inputs is not None:
+            low = self._pruned.start if start is None else start
+            if start is not None:
+                base = self._inputs[_key(self._base)][index]
+                inputs.update({layer: base[layer] for layer in range(self._pruned.start, start)})
+            for layer in range(low, self._pruned.stop):
+                handles.append(layers[layer].register_forward_pre_hook(partial(_record, into=inputs, layer=layer),
+                                                                       with_kwargs=True))
+        handles.append(layers[0].register_forward_hook(self._note_arity))
+        try:
+            with _standing_aside(layers, start, lambda: self._inputs[_key(self._base)][index][start], self._arity):
+                logits = self.model(input_ids=ids, use_cache=False).logits[0].float()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return F.log_softmax(logits, -1)
 
-    def _kl(self, index: int) -> float:
+    def _note_arity(self, module: nn.Module, args: tuple, output) -> None:
+        self._arity = len(output) if isinstance(output, tuple) else 0
+
+    def _kl(self, index: int, profile: Profile, inputs: dict[int, torch.Tensor]) -> float:
         dense = self._dense[index]
         self.evaluations += 1
-        return float((dense.exp() * (dense - self._log_probs(index))).sum(-1).mean())
+        start = self._first_changed(profile, index)
+        return float((dense.exp() * (dense - self._log_probs(index, start, inputs))).sum(-1).mean())
+
+
+def _key(profile: Profile) -> tuple:
+    return tuple(sorted(profile.items()))
+
+
+def _record(module: nn.Module, args: tuple, kwargs: dict, into: dict[int, torch.Tensor], layer: int) -> None:
+    into[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+
+@contextmanager
+def _standing_aside(layers: list[nn.Module], start: int | None, handed_over, arity: int) -> Iterator[None]:
+    """With `start`, layers below it pass their input through and the one just below returns `handed_over()`
+    (the input layer `start` had in the base): the model's own forward then computes from layer `start` on."""
+    if start is None:
+        yield
+        return
+
+    def pass_through(*args, **kwargs):
+        return as_layer_output(args[0] if args else kwargs["hidden_states"], arity)
+
+    with forward_replaced(layers[:start - 1], pass_through), \
+            forward_replaced([layers[start - 1]], lambda *args, **kwargs: as_layer_output(handed_over(), arity)):
+        yield
 
 
 def _fill(module: nn.Module, args: tuple, variant: InputPrediction) -> tuple:
@@ -228,6 +299,7 @@ def search_profile(model: nn.Module, adapter: Adapter, layer_indices: list[int],
     fitness = ProfileFitness(model, adapter, scores, slots, batches[:windows], grams or {}, compensation, ridge)
     rng = random.Random(seed)
     parent, parent_fitness = dict(start), fitness(start, windows)
+    fitness.rebase(parent)
     start_fitness, improvements = parent_fitness, 0
     for _ in tqdm(range(settings.generations), desc="profile search", disable=not progress, leave=False):
         children = [_mutate(parent, slots, rng) for _ in range(settings.offspring)]
@@ -238,6 +310,7 @@ def search_profile(model: nn.Module, adapter: Adapter, layer_indices: list[int],
         best = min(ranked, key=lambda child: fitness(child, windows))
         if fitness(best, windows) < parent_fitness:
             parent, parent_fitness, improvements = best, fitness(best, windows), improvements + 1
+        fitness.rebase(parent)
     moved = sorted(f"{layer}:{kind}" for (layer, kind), kept in parent.items() if kept != start[(layer, kind)])
     record = {"start_kl": start_fitness, "kl": parent_fitness, "windows": windows, "improvements": improvements,
               "evaluations": fitness.evaluations, "moved": moved}

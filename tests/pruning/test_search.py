@@ -133,3 +133,34 @@ def test_a_move_needs_a_donor_and_a_different_receiver():
     assert seen <= {8, 6, 4, 2} and 6 in seen  # a later move of the same child may undo an earlier one
     assert _mutate({(0, "mlp"): 2, (1, "mlp"): 2, (2, "mlp"): 4}, slots, rng) == {(0, "mlp"): 2, (1, "mlp"): 2,
                                                                                   (2, "mlp"): 4}
+
+
+def test_a_child_started_from_its_parents_layer_inputs_scores_as_a_whole_run(tiny_model_factory):
+    """After `rebase`, a profile that first differs from the parent at layer a runs from the parent's input to
+    layer a: its KL is the one a whole forward gives."""
+    from hywia.pruning.search import ProfileFitness, _slots
+
+    model = tiny_model_factory("llama", heads=8, kv_heads=2, layers=6, mlp=128)
+    adapter = adapter_for(model, "heads")
+    layers = [1, 2, 3, 4]
+    scores = _scores(adapter, layers)
+    parent = allocate_global(adapter, layers, 0.3, scores)
+    slots = _slots(adapter, layers, ProfileSearch(levels=8), 1)
+    child = dict(parent)
+    child[(3, "mlp")] -= 16
+    child[(4, "mlp")] += 16
+
+    def fitness():
+        return ProfileFitness(model, adapter, scores, slots, _windows(3), {}, "none", 1e-2)
+
+    shortcut = fitness()
+    shortcut(parent, 3)
+    shortcut.rebase(parent)
+    whole = fitness()
+    assert shortcut(child, 3) == pytest.approx(whole(child, 3), rel=1e-6, abs=1e-9)
+    assert shortcut(child, 3) != pytest.approx(shortcut(parent, 3), rel=1e-4)
+    shortcut.rebase(child)  # and the child, now the parent, hands its own inputs on
+    grandchild = dict(child)
+    grandchild[(2, "head")] -= 2
+    grandchild[(4, "head")] += 2
+    assert shortcut(grandchild, 3) == pytest.approx(whole(grandchild, 3), rel=1e-6, abs=1e-9)
