@@ -172,6 +172,24 @@ def test_validated_fusion_reports_its_choice(tiny_folder, calib_text, tmp_path, 
     assert line.split()[-2 * len(fusion["held_out_loss"]) - 1] == f"{fusion['choice']}:"
 
 
+def test_profile_search_runs_end_to_end_and_its_recipe_repeats_it(tiny_folder, calib_text, tmp_path):
+    """`--allocation search` through the CLI: the share requested, the search recorded in the report, and the
+    saved recipe (every search setting written out) prunes to the same plan."""
+    argv = ["prune", "--model", str(tiny_folder), "--ratio", "0.3", "--criterion", "magnitude", "--allocation",
+            "search:generations=4:windows=2", "--calib", str(calib_text), "--calib-samples", "4", "--seq-len",
+            "32", "--layers", "0:4", "--ppl-text", "none", "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert abs(report["ratio_achieved"] - 0.3) <= 0.01
+    assert report["profile_search"]["kl"] <= report["profile_search"]["start_kl"]
+    recipe = json.loads((tmp_path / "o" / "recipe.json").read_text())
+    assert recipe["prune"]["allocation"].startswith("search:floor=0.25:generations=4:")
+    again = ["prune", "--model", str(tiny_folder), "--recipe", str(tmp_path / "o" / "recipe.json"), "--out",
+             str(tmp_path / "again")]
+    assert main(again) == 0
+    assert (tmp_path / "again" / "plan.json").read_text() == (tmp_path / "o" / "plan.json").read_text()
+
+
 def test_slimgpt_recipe_runs_end_to_end(tiny_folder, calib_text, tmp_path):
     argv = ["prune", "--model", str(tiny_folder), "--ratio", "0.3", "--criterion", "obs", "--allocation", "log",
             "--calib", str(calib_text), "--calib-samples", "4", "--seq-len", "32", "--layers", "0:4",
