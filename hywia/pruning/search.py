@@ -18,9 +18,9 @@ kept counts of every (layer, kind):
 - closeness is the KL divergence of the dense model's next-token distribution to the candidate's, per token
   (EvoPress's fitness), on the first `windows` calibration windows.
 
-Differences from the papers: the levels are the criterion's own orders (Tyr builds each variant by local pruning at
-its sparsity), the variants' compensation is fitted on the dense inputs (the final prune's compensation fits on
-the model as pruned so far, with its held-out ridge), and the windows stay the same across generations. Every
+Choices of this implementation: the levels are the criterion's own orders (Tyr builds each variant by local
+pruning at its sparsity), the variants' compensation is fitted on the dense inputs (the final prune's compensation
+fits on the model as pruned so far, with its held-out ridge), and every generation reads the same windows. Every
 pruned projection's Gram matrix is held (float32, about 0.3 GB on SmolLM2-135M), and every window's dense
 log-probabilities (vocabulary x tokens floats each).
 """
