@@ -290,7 +290,8 @@ def search_profile(model: nn.Module, adapter: Adapter, layer_indices: list[int],
                    grams: dict[LayerKind, torch.Tensor] | None = None, round_to: int = 1, ridge: float = 1e-2,
                    seed: int = 0, progress: bool = False) -> tuple[Profile, dict]:
     """The kept counts the search finds from `start` (module docstring), and a record of the search: the KL of
-    the start and of the result on the fitness windows, the evaluations made and the (layer, kind)s moved.
+    the start and of the result on the fitness windows, each improvement as [generation, KL], the evaluations
+    made and the (layer, kind)s moved.
     `grams` (`projection_grams` of `batches`) are computed here when not given and the compensation needs them."""
     slots = _slots(adapter, layer_indices, settings, round_to)
     windows = min(settings.windows, len(batches))
@@ -300,8 +301,8 @@ def search_profile(model: nn.Module, adapter: Adapter, layer_indices: list[int],
     rng = random.Random(seed)
     parent, parent_fitness = dict(start), fitness(start, windows)
     fitness.rebase(parent)
-    start_fitness, improvements = parent_fitness, 0
-    for _ in tqdm(range(settings.generations), desc="profile search", disable=not progress, leave=False):
+    start_fitness, trace = parent_fitness, []
+    for generation in tqdm(range(settings.generations), desc="profile search", disable=not progress, leave=False):
         children = [_mutate(parent, slots, rng) for _ in range(settings.offspring)]
         children = [child for child in children if child != parent]
         if not children:
@@ -309,9 +310,10 @@ def search_profile(model: nn.Module, adapter: Adapter, layer_indices: list[int],
         ranked = sorted(children, key=lambda child: fitness(child, 1))[: settings.survivors]
         best = min(ranked, key=lambda child: fitness(child, windows))
         if fitness(best, windows) < parent_fitness:
-            parent, parent_fitness, improvements = best, fitness(best, windows), improvements + 1
+            parent, parent_fitness = best, fitness(best, windows)
+            trace.append([generation + 1, parent_fitness])
         fitness.rebase(parent)
     moved = sorted(f"{layer}:{kind}" for (layer, kind), kept in parent.items() if kept != start[(layer, kind)])
-    record = {"start_kl": start_fitness, "kl": parent_fitness, "windows": windows, "improvements": improvements,
-              "evaluations": fitness.evaluations, "moved": moved}
+    record = {"start_kl": start_fitness, "kl": parent_fitness, "windows": windows, "improvements": len(trace),
+              "evaluations": fitness.evaluations, "moved": moved, "trace": trace}
     return parent, record
