@@ -202,6 +202,8 @@ class Pipeline:
         """score -> plan -> compensate -> cut; on the model itself, or on a copy that leaves it dense."""
         scores = self.score(prepared)
         plan = self.plan(prepared, scores)
+        if in_place:  # the dense model changes now: the search's Gram matrices describe it no more
+            self._grams = None
         model = self.model if in_place else copy.deepcopy(self.model)
         chosen = self.compensate(model, plan, prepared.compensation)
         self.cut(model, plan)
