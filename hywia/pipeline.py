@@ -20,13 +20,14 @@ from torch import nn
 from .data.text import calibration_description, calibration_source, calibration_windows, check_seq_len_fits
 from .errors import InvalidRequestError
 from .importance import Criterion, ScoringContext, Statistics, collect_statistics, get_criterion
+from .importance.obs import projection_grams
 from .measure import StageLog, count_params
 from .models import ATTENTION_MODES, Adapter, LayerKind, adapter_for
 from .pruning import (PruningPlan, allocate_global, allocate_uniform, apply_plan, check_plan_request, parse_layers,
                       select)
 from .pruning.compensate import compensate
 from .pruning.plan import log_depth_weights, resolve_round_to
-from .pruning.search import projection_grams, search_profile
+from .pruning.search import search_profile
 from .pruning.methods import parse_allocation, parse_compensation
 from .settings import CalibrationConfig, PruneConfig, RuntimeConfig, format_spec
 

@@ -1,13 +1,16 @@
 """Run calibration windows up to a decoder layer and keep what each layer received: its input and its call.
 
 Both the layer-by-layer statistics (`hywia.importance.layerwise`) and compensation (`hywia.pruning.compensate`)
-replay a decoder layer on stored inputs; this is the one place that records them.
+replay a decoder layer on stored inputs; this is the one place that records them. `forward_replaced` lets the
+model's own forward skip layers whose output is already known (the statistics' head pass, the profile search).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -117,3 +120,26 @@ def replay_start(
         return calls, [acts.get(low, sample, torch.device("cpu")) for sample in range(len(batches))]
     finally:
         acts.close()
+
+
+def as_layer_output(hidden: torch.Tensor, arity: int):
+    """What a decoder layer returns, from its hidden states: the tensor itself (arity 0) or a tuple of `arity`."""
+    return hidden if arity == 0 else (hidden,) + (None,) * (arity - 1)
+
+
+@contextmanager
+def forward_replaced(modules: list[nn.Module], forward: Callable | None = None, *,
+                     wrap: Callable[[Callable], Callable] | None = None) -> Iterator[None]:
+    """Temporarily route calls of `modules` to `forward`, or to `wrap` of each module's own forward (accelerate's
+    wrapper, if any, is restored after)."""
+    saved = [module.__dict__.get("forward") for module in modules]
+    for module in modules:
+        module.forward = forward if wrap is None else wrap(module.forward)
+    try:
+        yield
+    finally:
+        for module, previous in zip(modules, saved):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous

@@ -54,9 +54,11 @@ from ..errors import InvalidRequestError
 from .base import Criterion, LayerKind, ScoringContext, normalise, register_criterion
 from .collect import lm_loss
 from .flap import fluctuation_scores
-from .layerwise import HEAD_CHECK_TOKENS, chunked_loss, final_hidden, forward_replaced, head_is_last
+from ..calibration.capture import forward_replaced
+from ..calibration.prediction import InputPrediction
+from .layerwise import HEAD_CHECK_TOKENS, chunked_loss, final_hidden, head_is_last
 from .obs import OptimalBrainSurgeon
-from .refit import InputPrediction, core_predictions, refit_held_out_losses
+from .refit import core_predictions, refit_held_out_losses
 from .taylor import taylor_scores
 
 FINE_ORDER = 1

@@ -21,8 +21,6 @@ offloaded by accelerate is loaded once for all samples of step 3 (`hywia.offload
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import ActivationStore, LayerCall, capture_layer_inputs
+from ..calibration.capture import as_layer_output, forward_replaced
 from ..errors import UnsupportedModelError
 from ..measure import release_freed_memory
 from ..models import Adapter, GroupSpec
@@ -216,24 +215,3 @@ def _layer(
         }
 
 
-def as_layer_output(hidden: torch.Tensor, arity: int):
-    """What a decoder layer returns, from its hidden states: the tensor itself (arity 0) or a tuple of `arity`."""
-    return hidden if arity == 0 else (hidden,) + (None,) * (arity - 1)
-
-
-@contextmanager
-def forward_replaced(modules: list[nn.Module], forward: Callable | None = None, *,
-                     wrap: Callable[[Callable], Callable] | None = None) -> Iterator[None]:
-    """Temporarily route calls of `modules` to `forward`, or to `wrap` of each module's own forward (accelerate's
-    wrapper, if any, is restored after)."""
-    saved = [module.__dict__.get("forward") for module in modules]
-    for module in modules:
-        module.forward = forward if wrap is None else wrap(module.forward)
-    try:
-        yield
-    finally:
-        for module, previous in zip(modules, saved):
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous

@@ -151,3 +151,12 @@ class OptimalBrainSurgeon(Criterion):
             scores[(layer, kind)] = greedy_obs_errors(weight, gram, spec.gate_block, self.settings.steps,
                                                       self.settings.damp)
         return {key: scores[key] for key in specs}
+
+
+def projection_grams(model: nn.Module, adapter, layer_indices: list[int], batches: torch.Tensor,
+                     progress: bool = False) -> dict[LayerKind, torch.Tensor]:
+    """Every pruned output projection's Gram matrix of [x; 1] per token over the dense model, in float32: what
+    the profile search (`hywia.pruning.search`) fits its variants' compensation on."""
+    specs = {i: adapter.group_specs(adapter.layers()[i]) for i in layer_indices}
+    ctx = ScoringContext(model, adapter, layer_indices, specs, batches, {}, progress=progress)
+    return {key: gram.float() for key, gram in output_grams(ctx)}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
 
@@ -26,48 +25,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import replay_start
-from ..models import GroupSpec
+from ..calibration.prediction import InputPrediction, input_prediction
 from ..offload import execution_device, resident
 from .base import LayerKind, ScoringContext
 from .obs import gram_sums, output_grams
 from .statistics import lm_loss
-
-
-def predictor(gram: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor, ridge: float) -> torch.Tensor:
-    """B^T [|K| + 1, |R|]: the ridge least-squares prediction of the removed inputs from the kept ones and a
-    constant (module docstring), the ridge in units of the mean diagonal as the compensation adds it."""
-    constant = torch.tensor([gram.shape[0] - 1])
-    rows = torch.cat([kept, constant])
-    system = gram[rows[:, None], rows]
-    system.diagonal().add_(ridge * float(system.diagonal().mean()))
-    return torch.linalg.solve(system, gram[rows[:, None], removed])
-
-
-@dataclass(frozen=True)
-class InputPrediction:
-    """The least-squares prediction of a projection's removed inputs from its kept inputs and a constant."""
-
-    kept: torch.Tensor  # input columns of the kept groups
-    removed: torch.Tensor  # input columns of the other groups
-    weights: torch.Tensor  # B^T, [|kept| + 1, |removed|]; the prediction is computed in its dtype
-
-    def fill(self, x: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
-        """`replacement` (shaped as `x`) with its removed columns set to their prediction from `x`'s kept ones."""
-        dtype = self.weights.dtype
-        z = torch.cat([x[..., self.kept].to(dtype), x.new_ones(*x.shape[:-1], 1, dtype=dtype)], -1)
-        replacement[..., self.removed] = (z @ self.weights.to(x.device)).to(x.dtype)
-        return replacement
-
-
-def input_prediction(gram: torch.Tensor, spec: GroupSpec, kept: list[int], ridge: float,
-                     dtype: torch.dtype = torch.float64) -> InputPrediction | None:
-    """The prediction of the inputs of `spec`'s groups outside `kept` from those of `kept` (`gram`: the Gram matrix
-    of [x; 1] at its gate module); None when every group is kept."""
-    kept_columns, removed_columns = spec.gate_columns(kept)
-    if not removed_columns.numel():
-        return None
-    return InputPrediction(kept_columns, removed_columns,
-                           predictor(gram, kept_columns, removed_columns, ridge).to(dtype))
 
 
 def core_predictions(ctx: ScoringContext, cores: dict[LayerKind, list[int]], batches: torch.Tensor,

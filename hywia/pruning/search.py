@@ -38,10 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..importance import ScoringContext
-from ..importance.layerwise import as_layer_output, forward_replaced
-from ..importance.obs import output_grams
-from ..importance.refit import InputPrediction, input_prediction
+from ..calibration.capture import as_layer_output, forward_replaced
+from ..calibration.prediction import InputPrediction, input_prediction
 from ..models import Adapter, GroupSpec, LayerKind
 from ..offload import execution_device
 from .plan import GLOBAL_FLOOR, _floor_units, _rounding_step, _unit, group_cost, select
@@ -276,15 +274,6 @@ def _replacement(spec: GroupSpec, kept: list[int], gram: torch.Tensor | None, co
     return InputPrediction(kept_columns, removed_columns, weights)
 
 
-def projection_grams(model: nn.Module, adapter: Adapter, layer_indices: list[int], batches: torch.Tensor,
-                     progress: bool = False) -> dict[LayerKind, torch.Tensor]:
-    """Every pruned output projection's Gram matrix of [x; 1] per token over the dense model (float32): what
-    the variants' compensation is fitted on. The same for every search on one model and set of windows."""
-    specs = {i: adapter.group_specs(adapter.layers()[i]) for i in layer_indices}
-    ctx = ScoringContext(model, adapter, layer_indices, specs, batches, {}, progress=progress)
-    return {key: gram.float() for key, gram in output_grams(ctx)}
-
-
 def search_profile(model: nn.Module, adapter: Adapter, layer_indices: list[int], scores: dict[LayerKind, torch.Tensor],
                    start: Profile, batches: torch.Tensor, compensation: str, settings: ProfileSearch, *,
                    grams: dict[LayerKind, torch.Tensor] | None = None, round_to: int = 1, ridge: float = 1e-2,
@@ -292,11 +281,12 @@ def search_profile(model: nn.Module, adapter: Adapter, layer_indices: list[int],
     """The kept counts the search finds from `start` (module docstring), and a record of the search: the KL of
     the start and of the result on the fitness windows, each improvement as [generation, KL], the evaluations
     made and the (layer, kind)s moved.
-    `grams` (`projection_grams` of `batches`) are computed here when not given and the compensation needs them."""
+    `grams`: every pruned projection's Gram matrix of [x; 1] per token over `batches` on the dense model
+    (`hywia.importance.obs.projection_grams`), needed unless the compensation is `none`."""
+    if compensation != "none" and grams is None:
+        raise ValueError(f"the search's {compensation!r} variants need the projections' Gram matrices")
     slots = _slots(adapter, layer_indices, settings, round_to)
     windows = min(settings.windows, len(batches))
-    if grams is None and compensation != "none":
-        grams = projection_grams(model, adapter, layer_indices, batches, progress)
     fitness = ProfileFitness(model, adapter, scores, slots, batches[:windows], grams or {}, compensation, ridge)
     rng = random.Random(seed)
     parent, parent_fitness = dict(start), fitness(start, windows)

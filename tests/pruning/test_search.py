@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from hywia.errors import InvalidRequestError
+from hywia.importance.obs import projection_grams
 from hywia.models import adapter_for
 from hywia.pruning import allocate_global, apply_plan, select
 from hywia.pruning.compensate import compensate
@@ -41,8 +42,9 @@ def _kl(dense_model, model, windows):
 
 
 def _search(model, adapter, layers, scores, start, windows, compensation="lstsq", **settings):
+    grams = projection_grams(model, adapter, layers, windows) if compensation != "none" else None
     return search_profile(model, adapter, layers, scores, start, windows, compensation,
-                          ProfileSearch(**{"windows": 3, "levels": 8, **settings}), seed=1)
+                          ProfileSearch(**{"windows": 3, "levels": 8, **settings}), grams=grams, seed=1)
 
 
 @pytest.mark.parametrize("attention", ["heads", "none"])
