@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -183,18 +183,15 @@ class ProfileFitness:
 
     @contextmanager
     def _installed(self, profile: Profile) -> Iterator[None]:
+        """While the block runs, every (layer, kind) of `profile` has its variant's removed inputs replaced."""
         layers = self.adapter.layers()
-        handles = []
-        for key, kept_count in profile.items():
-            variant = self._variant(key, kept_count)
-            if variant is not None:
-                module = layers[key[0]].get_submodule(self.slots[key].spec.gate_module)
-                handles.append(module.register_forward_pre_hook(partial(_fill, variant=variant)))
-        try:
+        with ExitStack() as hooks:  # a hook's handle removes it on exit
+            for key, kept_count in profile.items():
+                variant = self._variant(key, kept_count)
+                if variant is not None:
+                    module = layers[key[0]].get_submodule(self.slots[key].spec.gate_module)
+                    hooks.enter_context(module.register_forward_pre_hook(partial(_fill, variant=variant)))
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     @torch.no_grad()
     def _log_probs(self, index: int, start: int | None = None,
