@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..models import GroupSpec
 
@@ -40,6 +41,10 @@ class InputPrediction:
         z = torch.cat([x[..., self.kept].to(dtype), x.new_ones(*x.shape[:-1], 1, dtype=dtype)], -1)
         replacement[..., self.removed] = (z @ self.weights.to(x.device)).to(x.dtype)
         return replacement
+
+    def pre_hook(self, module: nn.Module, args: tuple) -> tuple:
+        """As a forward pre-hook of the projection: its input with the removed columns predicted."""
+        return (self.fill(args[0], args[0].clone()),) + tuple(args[1:])
 
 
 def input_prediction(gram: torch.Tensor, spec: GroupSpec, kept: list[int], ridge: float,

@@ -16,8 +16,7 @@ layer's Gram matrices and one candidate's predictors exist at a time.
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
-from functools import partial
+from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
 import torch
@@ -50,16 +49,10 @@ def core_predictions(ctx: ScoringContext, cores: dict[LayerKind, list[int]], bat
 def _predicted_inputs(layer: nn.Module, predictions: dict[str, InputPrediction]) -> Iterator[None]:
     """While the block runs, each projection named in `predictions` sees its removed inputs replaced by their
     prediction from the kept ones."""
-
-    def hook(module, args, name):
-        return (predictions[name].fill(args[0], args[0].clone()),) + tuple(args[1:])
-
-    handles = [layer.get_submodule(name).register_forward_pre_hook(partial(hook, name=name)) for name in predictions]
-    try:
+    with ExitStack() as hooks:  # a hook's handle removes it on exit
+        for name, prediction in predictions.items():
+            hooks.enter_context(layer.get_submodule(name).register_forward_pre_hook(prediction.pre_hook))
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _loss_above(model: nn.Module, layer: nn.Module, ids: torch.Tensor, hidden: torch.Tensor) -> float:

@@ -190,7 +190,7 @@ class ProfileFitness:
                 variant = self._variant(key, kept_count)
                 if variant is not None:
                     module = layers[key[0]].get_submodule(self.slots[key].spec.gate_module)
-                    hooks.enter_context(module.register_forward_pre_hook(partial(_fill, variant=variant)))
+                    hooks.enter_context(module.register_forward_pre_hook(variant.pre_hook))
             yield
 
     @torch.no_grad()
@@ -201,22 +201,19 @@ class ProfileFitness:
         from there up are recorded into `inputs`, the base's below."""
         layers = self.adapter.layers()
         ids = self.windows[index][None].to(execution_device(self.model))
-        handles = []
-        if inputs is not None:
-            low = self._pruned.start if start is None else start
-            if start is not None:
-                base = self._inputs[_key(self._base)][index]
-                inputs.update({layer: base[layer] for layer in range(self._pruned.start, start)})
-            for layer in range(low, self._pruned.stop):
-                handles.append(layers[layer].register_forward_pre_hook(partial(_record, into=inputs, layer=layer),
-                                                                       with_kwargs=True))
-        handles.append(layers[0].register_forward_hook(self._note_arity))
-        try:
-            with _standing_aside(layers, start, lambda: self._inputs[_key(self._base)][index][start], self._arity):
-                logits = self.model(input_ids=ids, use_cache=False).logits[0].float()
-        finally:
-            for handle in handles:
-                handle.remove()
+        with ExitStack() as hooks:  # a hook's handle removes it on exit
+            if inputs is not None:
+                low = self._pruned.start if start is None else start
+                if start is not None:
+                    base = self._inputs[_key(self._base)][index]
+                    inputs.update({layer: base[layer] for layer in range(self._pruned.start, start)})
+                for layer in range(low, self._pruned.stop):
+                    hooks.enter_context(layers[layer].register_forward_pre_hook(
+                        partial(_record, into=inputs, layer=layer), with_kwargs=True))
+            hooks.enter_context(layers[0].register_forward_hook(self._note_arity))
+            hooks.enter_context(_standing_aside(layers, start, lambda: self._inputs[_key(self._base)][index][start],
+                                                self._arity))
+            logits = self.model(input_ids=ids, use_cache=False).logits[0].float()
         return F.log_softmax(logits, -1)
 
     def _note_arity(self, module: nn.Module, args: tuple, output) -> None:
@@ -251,10 +248,6 @@ def _standing_aside(layers: list[nn.Module], start: int | None, handed_over, ari
     with forward_replaced(layers[:start - 1], pass_through), \
             forward_replaced([layers[start - 1]], lambda *args, **kwargs: as_layer_output(handed_over(), arity)):
         yield
-
-
-def _fill(module: nn.Module, args: tuple, variant: InputPrediction) -> tuple:
-    return (variant.fill(args[0], args[0].clone()),) + tuple(args[1:])
 
 
 def _replacement(spec: GroupSpec, kept: list[int], gram: torch.Tensor | None, compensation: str,
