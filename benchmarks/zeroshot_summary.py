@@ -12,7 +12,9 @@ benchmarks/results/NAME.json and .md.
         --focus hywia --against peer --name zeroshot
 
 A run may come from several evals of one model (NAME=a.json+b.json), e.g. the full small tasks in one and a
-2000-item subset of HellaSwag in another: `--limit` is one value per eval.
+2000-item subset of HellaSwag in another: `--limit` is one value per eval. `--tasks` picks the tasks summarised and
+their order (names, or a set of `hywia.eval.zeroshot.TASK_SETS` such as `paper`, the paper's seven, whose average
+is the one papers quote); by default, every task of the reference run.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 from pathlib import Path
 
 from hywia.eval.paired import paired_average, paired_difference, paired_metric
+from hywia.eval.zeroshot import TASK_SETS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -48,11 +51,17 @@ def merge_runs(parts: list[dict]) -> dict:
     return {"model": parts[0].get("model"), "zero_shot": {"tasks": tasks}}
 
 
-def summarise(runs: dict[str, dict], focus: str | None, against: str | None) -> dict:
-    """Per task: each run's accuracy and stderr; paired differences against the first run, and focus - against."""
+def summarise(runs: dict[str, dict], focus: str | None, against: str | None,
+              tasks: list[str] | None = None) -> dict:
+    """Per task (`tasks`, default: the first run's): each run's accuracy and stderr; paired differences against the
+    first run, and focus - against."""
     names = list(runs)
     zero = {name: run["zero_shot"] for name, run in runs.items()}
-    tasks = list(zero[names[0]]["tasks"])
+    tasks = tasks or list(zero[names[0]]["tasks"])
+    for name in names:
+        missing = [task for task in tasks if task not in zero[name]["tasks"]]
+        if missing:
+            raise ValueError(f"run {name!r} has no result for {', '.join(missing)}")
     accuracy = {}
     for name in names:
         accuracy[name] = {}
@@ -100,7 +109,12 @@ def main() -> None:
     parser.add_argument("--focus", help="run compared with --against (e.g. hywia)")
     parser.add_argument("--against", help="the best peer")
     parser.add_argument("--name", default="zeroshot", help="results file stem under benchmarks/results")
+    parser.add_argument("--tasks", help="tasks summarised, in order: comma-separated names or a task set "
+                                        f"({', '.join(TASK_SETS)}); default: every task of the reference run")
     args = parser.parse_args()
+    tasks = None
+    if args.tasks:
+        tasks = list(TASK_SETS.get(args.tasks, args.tasks.split(",")))
     runs = {}
     for item in args.runs:
         name, _, path = item.partition("=")
@@ -110,7 +124,10 @@ def main() -> None:
     for name in (args.focus, args.against):
         if name and name not in runs:
             parser.error(f"{name!r} is not one of the runs ({', '.join(runs)})")
-    summary = summarise(runs, args.focus, args.against)
+    try:
+        summary = summarise(runs, args.focus, args.against, tasks)
+    except ValueError as exc:
+        parser.error(str(exc))
     text = render(summary)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(summary, indent=1) + "\n")
     (RESULTS / f"{args.name}.md").write_text(text)

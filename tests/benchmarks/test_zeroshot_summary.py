@@ -44,3 +44,14 @@ def test_evals_of_one_model_on_different_tasks_join_into_one_run():
     assert merge_runs([piqa, lambada]) == whole
     with pytest.raises(ValueError, match="more than one"):
         merge_runs([piqa, piqa])
+
+
+def test_a_chosen_task_list_sets_the_tasks_and_their_order():
+    dense = _run([1, 1, 1, 0], [1, 1, 0, 0])
+    hywia = _run([1, 1, 0, 0], [1, 0, 0, 0])
+    summary = summarise({"dense": dense, "hywia": hywia}, None, None, ["lambada"])
+    assert summary["tasks"] == ["lambada"]
+    assert summary["paired"][0]["average"]["difference"] == pytest.approx(-0.25)
+    assert list(summarise({"dense": dense}, None, None, ["lambada", "piqa"])["accuracy"]["dense"]) == ["lambada", "piqa"]
+    with pytest.raises(ValueError, match="no result for boolq"):
+        summarise({"dense": dense, "hywia": hywia}, None, None, ["piqa", "boolq"])
