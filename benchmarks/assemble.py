@@ -16,13 +16,13 @@ SECTIONS = [
     ("Cross-domain: the second calibration source (wiki) under the current defaults", "crossdomain-wiki-obs.md",
      "python benchmarks/crossdomain_summary.py --name crossdomain-wiki-obs "
      "benchmarks/results/crossdomain-bench/wiki-obs.json benchmarks/results/crossdomain-bench/wiki-50.json "
-     "benchmarks/results/crossdomain-bench/wiki-search.json"),
+     "benchmarks/results/crossdomain-bench/wiki-search.json benchmarks/results/crossdomain-bench/wiki-steps0.json"),
     ("Cross-domain: Gemma-3-270M under the default calibration", "crossdomain-gemma.md",
      "python benchmarks/crossdomain_summary.py --name crossdomain-gemma benchmarks/results/crossdomain-bench/gemma-mix.json"),
     (None, "zeroshot-section.md", None),  # benchmarks/zeroshot_summary.py's table with the runs behind it
-    ("Cost of a whole prune against the FLAP recipe", "prune-cost-4.md",
-     "python benchmarks/prune_cost.py --ratio 0.2 --recipe 'hywia-default=' --recipe 'obs-mlp=--criterion obs "
-     "--attention none' --recipe 'flap=--criterion flap --compensate bias' --reference flap --name prune-cost-4"),
+    ("Cost of a whole prune against the FLAP recipe", "prune-cost-5.md",
+     "python benchmarks/prune_cost.py --ratio 0.2 --recipe 'hywia-default=' --recipe 'hywia-steps0=--criterion "
+     "hywia:steps=0' --recipe 'flap=--criterion flap --compensate bias' --reference flap --name prune-cost-5"),
     ("Quality: criterion x allocation x compensation (no recovery tuning)", "ablation.md",
      "python benchmarks/ablation.py --ratios 0.2,0.5 --calib-samples 64 --eval-tokens 4096"),
     ("Variants tried on the way to the defaults", "variants.md", None),
