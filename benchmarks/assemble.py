@@ -16,7 +16,8 @@ SECTIONS = [
     ("Cross-domain: the second calibration source (wiki) under the current defaults", "crossdomain-wiki-obs.md",
      "python benchmarks/crossdomain_summary.py --name crossdomain-wiki-obs "
      "benchmarks/results/crossdomain-bench/wiki-obs.json benchmarks/results/crossdomain-bench/wiki-50.json "
-     "benchmarks/results/crossdomain-bench/wiki-search.json benchmarks/results/crossdomain-bench/wiki-steps0.json"),
+     "benchmarks/results/crossdomain-bench/wiki-search.json benchmarks/results/crossdomain-bench/wiki-steps0.json "
+     "benchmarks/results/crossdomain-bench/wiki-steps8.json"),
     ("Cross-domain: Gemma-3-270M under the default calibration", "crossdomain-gemma.md",
      "python benchmarks/crossdomain_summary.py --name crossdomain-gemma benchmarks/results/crossdomain-bench/gemma-mix.json"),
     (None, "zeroshot-section.md", None),  # benchmarks/zeroshot_summary.py's table with the runs behind it
