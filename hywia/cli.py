@@ -349,7 +349,9 @@ def print_summary(report: dict) -> None:
         rows.append((f"perplexity ({report['ppl_text']['text']}, {report['ppl_text']['tokens']} tokens)",
                      f"{report['ppl_before']:.2f} -> {report['ppl_after']:.2f}"))
     if report.get("fusion", {}).get("alpha_mean"):
-        rows.append(("learned blend, mean alpha", ", ".join(
+        steps = report["fusion"].get("steps")
+        how = f"learned in {steps} steps" if steps else "equal, not learned"
+        rows.append((f"blend, mean alpha ({how})", ", ".join(
             f"{view} {weight:.3f}" for view, weight in report["fusion"]["alpha_mean"].items())))
     if report.get("fusion", {}).get("held_out_loss"):
         fusion = report["fusion"]

@@ -84,7 +84,7 @@ def plot_agreement(record: dict, path: Path) -> Path | None:
 def plot_alpha(record: dict, path: Path) -> Path | None:
     """The learned blend per layer: each view's weight alpha (mean over the layer's groups), one panel per run of a
     learned-fusion criterion and structure kind; None when no run learned a blend."""
-    runs = [run for run in record["runs"] if run["report"].get("fusion", {}).get("per_layer")]
+    runs = [run for run in record["runs"] if run["report"].get("fusion", {}).get("steps")]  # equal blends: no plot
     if not runs:
         return None
     kinds = list(dict.fromkeys(r["kind"] for run in runs for r in run["report"]["fusion"]["per_layer"]))

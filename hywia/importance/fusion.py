@@ -1,4 +1,4 @@
-"""HyWIA: fine- and coarse-grained importance blended per group by a learned attention.
+"""HyWIA: fine- and coarse-grained importance blended per group by an attention that can be learned end to end.
 
 Every group is seen three ways: fine-grained, from its individual weights (sum of |g*W|, LLM-Pruner's element
 criterion); coarse-grained, as a whole, by the loss (sum over its tensor slices of |sum of g*W|, the vector
@@ -7,11 +7,16 @@ projection's input channels times their columns' squared norms, FLAP's metric), 
 compensation puts the mean back. For every group one token per view is built from that view's features (log of the
 normalised score, its rank in the layer, the layer's dispersion of that score); a query comes from the context
 (depth, structure kind, how far the views' rankings agree in this layer). alpha = softmax(q.k / sqrt(d)) over the
-tokens and I = sum over views of alpha_v * score_v. The few attention parameters are learned end to end with the
-model frozen: I drives soft gates sigmoid((I - tau) / T) on head outputs and MLP channels at the target ratio
+tokens and I = sum over views of alpha_v * score_v. The attention starts at equal weights. With `steps` > 0 its
+few parameters are learned end to end with the model frozen: I drives soft gates sigmoid((I - tau) / T) on head outputs and MLP channels at the target ratio
 (tau = the ratio's quantile of I in that layer and kind, T annealed towards 0), minimising the LM loss on the
 calibration windows; a gated-off channel is replaced by its mean when the pruning compensates (as the surgery
-will), by zero when it does not. The attention starts at equal weights.
+will), by zero when it does not.
+
+The default is `steps=0`, the equal blend: judged on held-out text of other genres than the calibration text (issue
+17's protocol, BENCHMARKS.md), every way of learning measured here (24 or 8 steps, the blend alone, the layer scales
+alone, straight through the hard cut, the least-squares objective, a held-out choice) lost to the blend it starts
+from in most cells, by 10-12% at 50% removed, and cost twice the time of the whole rest of the prune.
 
 With a global allocation the soft mask sees it: one threshold over all pruned layers on log(I) + log(scale)
 - log(parameters per group), where each (layer, kind)'s scale starts at its mean raw fine-grained saliency and
@@ -67,6 +72,7 @@ CORE_MARGIN = 1.5  # `refit`: the core leaves out this many times the groups the
 MIN_CORE_SHARE = 0.25  # and keeps at least this share (the global allocation's floor)
 VIEWS = ("fine", "coarse", "fluctuation")  # the default views
 KNOWN_VIEWS = VIEWS + ("obs",)
+LEARNABLE = ("blend", "scales")  # what the fusion's steps can update
 
 
 def raw_granularities(ctx: ScoringContext) -> dict[str, dict[LayerKind, torch.Tensor]]:
@@ -157,14 +163,18 @@ class FusionAttention(nn.Module):
 
 @dataclass(frozen=True)
 class FusionSettings:
-    """The learned blend's optimisation: Adam steps on `batch_size` calibration windows each, at learning rate `lr`;
-    the soft gates' temperature anneals geometrically from start to end (`log_temperature_*` for the global
-    allocation's gates on log score per parameter). `views`: the views blended, joined by '+'; `validate`: the
+    """The blend's learning: `steps` Adam steps (0, the default: the equal blend, nothing learned) on `batch_size`
+    calibration windows each, at learning rate `lr`; the soft gates' temperature anneals geometrically from start to
+    end (`log_temperature_*` for the global allocation's gates on log score per parameter). `views`: the views blended, joined by '+'; `validate`: the
     share of calibration windows held out to choose between the learned blend and each view alone (0: none);
     `refit`: under `lstsq`, a gated-off group is replaced by its least-squares prediction from the core groups
-    (`core_predictions`) instead of its mean."""
+    (`core_predictions`) instead of its mean; `learn`: what the steps update, joined by '+': `blend` (the attention)
+    and `scales` (the layer scales of a global allocation); the part left out stays at its start (equal weights, the
+    mean raw fine-grained saliency), so the two can be judged apart; `straight_through`: the model runs under the
+    cut the pipeline would make from the current blend (each group kept or replaced whole) while the gradient is the
+    soft gates', so the loss learned on is the cut's, not that of a model with every group partly open."""
 
-    steps: int = 24
+    steps: int = 0
     batch_size: int = 4
     lr: float = 0.05
     temperature_start: float = 0.3
@@ -174,6 +184,8 @@ class FusionSettings:
     views: str = "+".join(VIEWS)
     validate: float = 0.0
     refit: bool = False
+    straight_through: bool = False
+    learn: str = "+".join(LEARNABLE)
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
@@ -182,6 +194,10 @@ class FusionSettings:
         if not names or len(set(names)) != len(names) or not set(names) <= set(KNOWN_VIEWS):
             raise ValueError(f"views must be distinct names among {', '.join(KNOWN_VIEWS)} joined by '+', "
                              f"got {self.views!r}")
+        learned = self.learn.split("+")
+        if len(set(learned)) != len(learned) or not set(learned) <= set(LEARNABLE):
+            raise ValueError(f"learn must be distinct names among {', '.join(LEARNABLE)} joined by '+', "
+                             f"got {self.learn!r}")
         if not 0.0 <= self.validate < 1.0:
             raise ValueError(f"validate must lie in [0, 1), got {self.validate}")
         if min(self.temperature_start, self.temperature_end, self.log_temperature_start,
@@ -293,11 +309,14 @@ class HywiaFusion(Criterion):
         specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
         removed_share = {k: 1 - ctx.keep[k] / specs[k].count for k in specs}
 
-        def gates(temperature: float) -> dict[LayerKind, torch.Tensor]:
+        def gates(temperature: float) -> tuple[dict[LayerKind, torch.Tensor], dict[LayerKind, torch.Tensor]]:
             scores, _ = blend()
-            return {k: torch.sigmoid((scores[k] - torch.quantile(scores[k], share)) / temperature)
+            soft = {k: torch.sigmoid((scores[k] - torch.quantile(scores[k], share)) / temperature)
                     for k, share in removed_share.items() if share > 0}
+            return soft, {k: score.detach() for k, score in scores.items()}
 
+        if "blend" not in self.settings.learn.split("+"):
+            return []  # a uniform allocation has no layer scales to learn
         temperature = (self.settings.temperature_start, self.settings.temperature_end)
         return self._optimise(ctx, list(attention.parameters()), gates, temperature, batches, replacements)
 
@@ -313,7 +332,7 @@ class HywiaFusion(Criterion):
         target = sum((specs[k].count - keep[k]) * cost[k] for k in keys)
         costs = torch.cat([torch.full((specs[k].count,), float(cost[k]), dtype=torch.float64) for k in keys])
 
-        def gates(temperature: float) -> dict[LayerKind, torch.Tensor]:
+        def gates(temperature: float) -> tuple[dict[LayerKind, torch.Tensor], dict[LayerKind, torch.Tensor]]:
             scores, _ = blend()
             z = torch.cat([scores[k].clamp_min(1e-12).log() + log_scale[i] - math.log(cost[k])
                            for i, k in enumerate(keys)])
@@ -321,19 +340,28 @@ class HywiaFusion(Criterion):
             cut = int(torch.searchsorted(costs[order].cumsum(0), torch.tensor(float(target), dtype=torch.float64)))
             tau = z.detach()[order[min(cut, z.numel() - 1)]]
             soft = torch.sigmoid((z - tau) / temperature)
-            return dict(zip(keys, soft.split([specs[k].count for k in keys])))
+            current = {k: scores[k].detach() * float(log_scale[i].detach().exp()) for i, k in enumerate(keys)}
+            return dict(zip(keys, soft.split([specs[k].count for k in keys]))), current
 
+        learned = self.settings.learn.split("+")
+        params = [*(attention.parameters() if "blend" in learned else ()),
+                  *([log_scale] if "scales" in learned else ())]
         temperature = (self.settings.log_temperature_start, self.settings.log_temperature_end)
-        return self._optimise(ctx, [*attention.parameters(), log_scale], gates, temperature, batches, replacements)
+        return self._optimise(ctx, params, gates, temperature, batches, replacements)
 
     def _optimise(self, ctx: ScoringContext, params: list, gates_at, temperature: tuple[float, float],
                   batches: torch.Tensor, replacements: dict | None) -> list[float]:
         """Minimise the LM loss of the frozen model under the soft gates on `batches`, annealing T, gated-off
-        groups replaced by `replacements` (`_replacements`); returns the loss per step."""
+        groups replaced by `replacements` (`_replacements`); returns the loss per step. `gates_at(T)` gives the soft
+        gates and the current scores; with `straight_through` the model runs under the cut the pipeline makes from
+        those scores (`ctx.kept_groups`: allocation and selection), the gradient passing as if through the soft
+        gates."""
         if batches.shape[0] == 0:
             raise InvalidRequestError("the learned fusion needs calibration samples")
+        if self.settings.straight_through and ctx.kept_groups is None:
+            raise InvalidRequestError("hywia:straight_through needs the pipeline's plan selection "
+                                      "(ScoringContext.kept_groups)")
         device = next(ctx.model.parameters()).device
-        dtype = next(ctx.model.parameters()).dtype
         optimizer = torch.optim.Adam(params, lr=self.settings.lr)
         steps, batch_size = self.settings.steps, self.settings.batch_size
         specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
@@ -346,12 +374,13 @@ class HywiaFusion(Criterion):
         with _frozen(ctx.model), _gated(ctx, specs, gates, replacements), _recomputed(ctx.adapter.layers()):
             for step in tqdm(range(steps), desc="fusion", disable=not ctx.progress, leave=False):
                 t = t_start * (t_end / t_start) ** (step / max(steps - 1, 1))
-                soft = gates_at(t)
+                soft, current = gates_at(t)
                 # The model runs one window at a time on leaf copies of the gates, whose gradients add up over
                 # the batch; one backward through the blend then follows. Same gradients as the whole batch at
                 # once, with one window's activations (and allocator fragmentation) at a time.
+                forward = _hard_cut(ctx.kept_groups(current), soft) if self.settings.straight_through else soft
                 gates.clear()
-                gates.update({k: g.detach().to(device, torch.float32).requires_grad_() for k, g in soft.items()})
+                gates.update({k: g.detach().to(device, torch.float32).requires_grad_() for k, g in forward.items()})
                 pick = torch.randint(batches.shape[0], (batch_size,), generator=generator)
                 optimizer.zero_grad()
                 loss = 0.0
@@ -368,6 +397,12 @@ class HywiaFusion(Criterion):
                 torch.autograd.backward([soft[k] for k in reached], [gates[k].grad.to(soft[k]) for k in reached])
                 optimizer.step()
         return losses
+
+
+def _hard_cut(kept: dict[LayerKind, list[int]], soft: dict[LayerKind, torch.Tensor]) -> dict[LayerKind, torch.Tensor]:
+    """Gates of 1 on the kept groups and 0 elsewhere, for every (layer, kind) that `soft` gates."""
+    return {k: torch.zeros_like(g).index_fill_(0, torch.tensor(kept[k], dtype=torch.long), 1.0)
+            for k, g in soft.items()}
 
 
 def _validation_losses(ctx: ScoringContext, candidates: dict[str, dict[LayerKind, torch.Tensor]], fit: torch.Tensor,

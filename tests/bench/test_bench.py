@@ -43,8 +43,9 @@ def test_bench_writes_table_json_and_plots(tiny_model_factory, tiny_tokenizer, t
     for name, value in model.state_dict().items():  # every run pruned a copy
         torch.testing.assert_close(value, before[name], atol=0, rtol=0)
     out = tmp_path / "out"
-    for name in ("widths.png", "agreement.png", "alpha.png"):
+    for name in ("widths.png", "agreement.png"):
         assert (out / name).read_bytes()[:8] == PNG, name
+    assert not (out / "alpha.png").exists()  # the default blend learns nothing, so there is no learned weight to plot
     saved = json.loads((out / "bench.json").read_text())
     assert saved["settings"]["criteria"] == ["hywia", "taylor-element1@layers=1:3"]
     assert [run["label"] for run in saved["runs"]] == saved["settings"]["criteria"]
@@ -68,6 +69,17 @@ def test_bench_writes_table_json_and_plots(tiny_model_factory, tiny_tokenizer, t
     text = markdown.read_text()
     assert text.startswith("# Benchmarks\n\nHand-written intro.") and "](out/agreement.png)" in text
     assert text.count(BEGIN) == 1 and text.count(END) == 1
+
+
+def test_alpha_plot_shows_learned_blends_only(tmp_path):
+    from hywia.bench.plots import plot_alpha
+
+    per_layer = [{"layer": i, "kind": kind, "alpha": {"fine": 0.5, "coarse": 0.3, "fluctuation": 0.2}}
+                 for i in range(3) for kind in ("head", "mlp")]
+    run = {"label": "hywia:steps=2", "ratio": 0.2, "report": {"fusion": {"steps": 2, "per_layer": per_layer}}}
+    equal = {"label": "hywia", "ratio": 0.2, "report": {"fusion": {"steps": 0, "per_layer": per_layer}}}
+    assert plot_alpha({"runs": [equal]}, tmp_path / "none.png") is None
+    assert plot_alpha({"runs": [equal, run]}, tmp_path / "alpha.png").read_bytes()[:8] == PNG
 
 
 def test_markdown_section_is_replaced_not_duplicated(tmp_path):

@@ -95,12 +95,12 @@ def test_fixed_blend_endpoints_are_the_granularities(tiny_model_factory):
         torch.testing.assert_close(fine[key], element[key])
 
 
-def test_fusion_starts_at_equal_weights_and_learns(tiny_model_factory):
+def test_fusion_defaults_to_equal_weights_and_can_learn(tiny_model_factory):
     attention = FusionAttention(seed=0)
     alpha = attention([torch.randn(5, 3, dtype=torch.float64) for _ in VIEWS], torch.randn(5, dtype=torch.float64))
     torch.testing.assert_close(alpha, torch.full((5, len(VIEWS)), 1 / len(VIEWS), dtype=torch.float64))
     ctx = _context(tiny_model_factory("llama"))
-    untrained = HywiaFusion(steps=0).score(ctx)
+    untrained = HywiaFusion().score(ctx)  # the default learns nothing: the equal blend
     fine, coarse, scale = granularities(ctx)
     fluctuation = normalise(fluctuation_scores(ctx))
     for key in fine:
@@ -148,6 +148,42 @@ def test_fusion_with_global_allocation_learns_layer_scales(tiny_model_factory):
     assert any(abs(v) > 1e-6 for v in shifts)
     keep = ctx.allocate(scores)
     assert all(1 <= keep[key] <= score.numel() for key, score in scores.items())
+
+
+@pytest.mark.parametrize("learn", ["blend", "scales"])
+def test_fusion_learns_only_what_it_is_told(tiny_model_factory, learn):
+    """`learn` picks what the steps update; the other part stays at its start (equal weights, unshifted scales)."""
+    from functools import partial
+
+    from hywia.pruning import allocate_global
+
+    ctx = _context(tiny_model_factory("llama"), ratio=0.3)
+    ctx.allocate = partial(allocate_global, ctx.adapter, ctx.layer_indices, 0.3)
+    fusion = HywiaFusion(steps=4, batch_size=2, learn=learn)
+    fusion.score(ctx)
+    rows = fusion.summary()["per_layer"]
+    shifted = any(abs(row["log_scale_learned_shift"]) > 1e-6 for row in rows)
+    equal = all(abs(a - 1 / len(VIEWS)) < 1e-9 for row in rows for a in row["alpha"].values())
+    assert (shifted, equal) == ((False, False) if learn == "blend" else (True, True))
+
+
+@pytest.mark.parametrize("compensate", ["none", "bias"])
+def test_straight_through_fusion_learns_on_the_loss_of_the_hard_cut(tiny_model_factory, compensate):
+    """Its first step's loss is the loss of the starting blend (equal weights) cut hard, removed groups replaced as
+    the surgery will, on the windows the step drew."""
+    from hywia.importance.fusion import _held_out_loss
+
+    ctx = _context(tiny_model_factory("llama"))
+    ctx.compensate = compensate
+    fusion = HywiaFusion(steps=1, batch_size=3, straight_through=True)
+    fusion.score(ctx)
+    drawn = torch.randint(ctx.batches.shape[0], (3,), generator=torch.Generator().manual_seed(ctx.seed))
+    start = HywiaFusion(steps=0).score(ctx)
+    cut = _held_out_loss(ctx, ctx.kept_groups(start), ctx.batches[drawn])
+    assert fusion.summary()["loss_first"] == pytest.approx(cut, rel=1e-5)
+    soft = HywiaFusion(steps=1, batch_size=3)
+    soft.score(ctx)
+    assert soft.summary()["loss_first"] != pytest.approx(cut, rel=1e-3)
 
 
 def test_fusion_step_recomputes_layers_and_chunks_the_head_without_changing_the_gradient(tiny_model_factory,
@@ -198,10 +234,11 @@ def test_fusion_can_blend_the_obs_view(tiny_model_factory):
     assert all(torch.isfinite(score).all() for score in scores.values())
 
 
-@pytest.mark.parametrize("views,validate", [("fine+fine", 0.0), ("fine+nope", 0.0), ("", 0.0), ("fine", 1.0)])
-def test_fusion_settings_are_checked(views, validate):
+@pytest.mark.parametrize("option", ["views=fine+fine", "views=fine+nope", "views=", "views=fine:validate=1.0",
+                                    "learn=blend+blend", "learn=views", "learn="])
+def test_fusion_settings_are_checked(option):
     with pytest.raises(InvalidRequestError):
-        get_criterion(f"hywia:views={views}:validate={validate}")
+        get_criterion(f"hywia:{option}")
 
 
 def test_validated_fusion_returns_the_candidate_with_the_lowest_held_out_loss(tiny_model_factory):
