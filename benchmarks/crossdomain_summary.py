@@ -33,6 +33,16 @@ def geometric_mean(evaluation: dict, texts: list[str]) -> float:
     return math.exp(sum(math.log(evaluation["perplexity"][text]["ppl"]) for text in texts) / len(texts))
 
 
+def run_label(run: dict) -> str:
+    """The run's label, with the fusion's learning steps when the label does not give them: `hywia` meant 24 learned
+    steps before the eighth session and the equal blend (0) since, so a bare name would hide which one ran."""
+    fusion = run["report"].get("fusion") or {}
+    if "steps" not in fusion or "steps=" in run["label"]:
+        return run["label"]
+    name, _, options = run["label"].partition("@")
+    return f"{name}:steps={fusion['steps']}" + (f"@{options}" if options else "")
+
+
 def summarise(records: list[dict], names: list[str]) -> dict:
     """Per (criterion entry, ratio): the geometric mean over the foreign texts under each bench (`names`: one per
     record, e.g. its calibration source)."""
@@ -41,7 +51,7 @@ def summarise(records: list[dict], names: list[str]) -> dict:
     for record, source in zip(records, names):
         rows.setdefault(("dense", 0.0), {})[source] = geometric_mean(record["dense"], foreign)
         for run in record["runs"]:
-            rows.setdefault((run["label"], run["ratio"]), {})[source] = geometric_mean(run["eval"], foreign)
+            rows.setdefault((run_label(run), run["ratio"]), {})[source] = geometric_mean(run["eval"], foreign)
     return {"foreign_texts": foreign, "sources": names,
             "rows": [{"label": label, "ratio": ratio, "gm": gm} for (label, ratio), gm in rows.items()]}
 

@@ -34,3 +34,15 @@ def test_benches_of_one_source_are_ranked_together():
     summary = summarise([first, second], ["a", "b"])
     text = render([first, second], summary, ["a.json", "b.json"])
     assert "| 0.2 | `flap` | 20.00 | `b` |\n| 0.2 | `hywia` | 40.00 | `a` |" in text and "(dense: 10.00)" in text
+
+
+def test_a_fusion_run_is_named_with_its_learning_steps():
+    """A bare `hywia` meant 24 learned steps in earlier benches and the equal blend today: the summary says which."""
+    old = _record("mix", {"hywia": {"lambada": 11.0, "wiki": 90.0, "coqa": 20.0, "pydoc": 80.0},
+                          "hywia:steps=8@allocation=search": {"lambada": 11.0, "wiki": 90.0, "coqa": 20.0,
+                                                              "pydoc": 8.0},
+                          "flap": {"lambada": 11.0, "wiki": 90.0, "coqa": 20.0, "pydoc": 20.0}})
+    old["runs"][0]["report"]["fusion"] = {"steps": 24}
+    old["runs"][1]["report"]["fusion"] = {"steps": 8}
+    labels = [row["label"] for row in summarise([old], ["a"])["rows"]]
+    assert labels == ["dense", "hywia:steps=24", "hywia:steps=8@allocation=search", "flap"]
