@@ -43,9 +43,8 @@ def test_bench_writes_table_json_and_plots(tiny_model_factory, tiny_tokenizer, t
     for name, value in model.state_dict().items():  # every run pruned a copy
         torch.testing.assert_close(value, before[name], atol=0, rtol=0)
     out = tmp_path / "out"
-    for name in ("widths.png", "agreement.png"):
+    for name in ("widths.png", "agreement.png", "alpha.png"):
         assert (out / name).read_bytes()[:8] == PNG, name
-    assert not (out / "alpha.png").exists()  # the default blend learns nothing, so there is no learned weight to plot
     saved = json.loads((out / "bench.json").read_text())
     assert saved["settings"]["criteria"] == ["hywia", "taylor-element1@layers=1:3"]
     assert [run["label"] for run in saved["runs"]] == saved["settings"]["criteria"]

@@ -95,12 +95,12 @@ def test_fixed_blend_endpoints_are_the_granularities(tiny_model_factory):
         torch.testing.assert_close(fine[key], element[key])
 
 
-def test_fusion_defaults_to_equal_weights_and_can_learn(tiny_model_factory):
+def test_fusion_starts_at_equal_weights_and_learns(tiny_model_factory):
     attention = FusionAttention(seed=0)
     alpha = attention([torch.randn(5, 3, dtype=torch.float64) for _ in VIEWS], torch.randn(5, dtype=torch.float64))
     torch.testing.assert_close(alpha, torch.full((5, len(VIEWS)), 1 / len(VIEWS), dtype=torch.float64))
     ctx = _context(tiny_model_factory("llama"))
-    untrained = HywiaFusion().score(ctx)  # the default learns nothing: the equal blend
+    untrained = HywiaFusion(steps=0).score(ctx)
     fine, coarse, scale = granularities(ctx)
     fluctuation = normalise(fluctuation_scores(ctx))
     for key in fine:
