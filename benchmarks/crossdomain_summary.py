@@ -34,8 +34,8 @@ def geometric_mean(evaluation: dict, texts: list[str]) -> float:
 
 
 def run_label(run: dict) -> str:
-    """The run's label, with the fusion's learning steps when the label does not give them: `hywia` meant 24 learned
-    steps before the eighth session and the equal blend (0) since, so a bare name would hide which one ran."""
+    """The run's label, with the fusion's learning steps when the label does not give them: a bare `hywia` hides
+    whether the blend was learned (and for how long) or equal, and benches of different sessions sit side by side."""
     fusion = run["report"].get("fusion") or {}
     if "steps" not in fusion or "steps=" in run["label"]:
         return run["label"]

@@ -37,7 +37,7 @@ def test_benches_of_one_source_are_ranked_together():
 
 
 def test_a_fusion_run_is_named_with_its_learning_steps():
-    """A bare `hywia` meant 24 learned steps in earlier benches and the equal blend today: the summary says which."""
+    """A bare `hywia` does not say whether its blend was learned: the summary adds the steps the run recorded."""
     old = _record("mix", {"hywia": {"lambada": 11.0, "wiki": 90.0, "coqa": 20.0, "pydoc": 80.0},
                           "hywia:steps=8@allocation=search": {"lambada": 11.0, "wiki": 90.0, "coqa": 20.0,
                                                               "pydoc": 8.0},
