@@ -191,19 +191,21 @@ class FusionSettings:
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("steps must be >= 0, batch_size >= 1 and lr > 0")
-        names = self.views.split("+")
-        if not names or len(set(names)) != len(names) or not set(names) <= set(KNOWN_VIEWS):
-            raise ValueError(f"views must be distinct names among {', '.join(KNOWN_VIEWS)} joined by '+', "
-                             f"got {self.views!r}")
-        learned = self.learn.split("+")
-        if len(set(learned)) != len(learned) or not set(learned) <= set(LEARNABLE):
-            raise ValueError(f"learn must be distinct names among {', '.join(LEARNABLE)} joined by '+', "
-                             f"got {self.learn!r}")
+        for field, allowed in (("views", KNOWN_VIEWS), ("learn", LEARNABLE)):
+            names = getattr(self, field).split("+")
+            if len(set(names)) != len(names) or not set(names) <= set(allowed):
+                raise ValueError(f"{field} must be distinct names among {', '.join(allowed)} joined by '+', "
+                                 f"got {getattr(self, field)!r}")
         if not 0.0 <= self.validate < 1.0:
             raise ValueError(f"validate must lie in [0, 1), got {self.validate}")
         if min(self.temperature_start, self.temperature_end, self.log_temperature_start,
                self.log_temperature_end) <= 0:
             raise ValueError("temperatures must be > 0")
+
+    @property
+    def learned(self) -> list[str]:
+        """The parts the steps update (`learn`), as a list."""
+        return self.learn.split("+")
 
 
 @register_criterion("hywia")
@@ -307,6 +309,8 @@ class HywiaFusion(Criterion):
     def _learn_uniform(self, ctx: ScoringContext, attention: FusionAttention, blend, batches: torch.Tensor,
                        replacements: dict | None) -> list[float]:
         """Soft gates per layer and kind at the uniform allocation's share (tau = that share's quantile of I)."""
+        if "blend" not in self.settings.learned:
+            return []  # a uniform allocation has no layer scales to learn
         specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
         removed_share = {k: 1 - ctx.keep[k] / specs[k].count for k in specs}
 
@@ -316,8 +320,6 @@ class HywiaFusion(Criterion):
                     for k, share in removed_share.items() if share > 0}
             return soft, {k: score.detach() for k, score in scores.items()}
 
-        if "blend" not in self.settings.learn.split("+"):
-            return []  # a uniform allocation has no layer scales to learn
         temperature = (self.settings.temperature_start, self.settings.temperature_end)
         return self._optimise(ctx, list(attention.parameters()), gates, temperature, batches, replacements)
 
@@ -344,7 +346,7 @@ class HywiaFusion(Criterion):
             current = {k: scores[k].detach() * float(log_scale[i].detach().exp()) for i, k in enumerate(keys)}
             return dict(zip(keys, soft.split([specs[k].count for k in keys]))), current
 
-        learned = self.settings.learn.split("+")
+        learned = self.settings.learned
         params = [*(attention.parameters() if "blend" in learned else ()),
                   *([log_scale] if "scales" in learned else ())]
         temperature = (self.settings.log_temperature_start, self.settings.log_temperature_end)
