@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
 
 # Set before torch/transformers are imported anywhere in the test session; the folders made here are removed when
-# the session ends (pytest_sessionfinish).
+# the process exits, however the session ends (a usage error never reaches pytest_sessionfinish).
 SESSION_FOLDERS = [tempfile.mkdtemp(prefix="hywia-hf-home-")]
+atexit.register(lambda: [shutil.rmtree(folder, ignore_errors=True) for folder in SESSION_FOLDERS])
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["HF_HOME"] = SESSION_FOLDERS[0]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,11 +30,6 @@ TINY_TEXT = (
     "Structured pruning removes whole channels and attention heads from every decoder layer. "
     "Calibration text gives the gradients; the importance of each group decides what stays. "
 ) * 4
-
-
-def pytest_sessionfinish(session, exitstatus) -> None:
-    for folder in SESSION_FOLDERS:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
