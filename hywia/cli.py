@@ -351,6 +351,7 @@ def print_summary(report: dict) -> None:
     if report.get("fusion", {}).get("alpha_mean"):
         steps = report["fusion"].get("steps")
         how = f"learned in {steps} steps" if steps else "equal, not learned"
+        how += ", cross-fitted" if report["fusion"].get("crossfit") else ""
         rows.append((f"blend, mean alpha ({how})", ", ".join(
             f"{view} {weight:.3f}" for view, weight in report["fusion"]["alpha_mean"].items())))
     if report.get("fusion", {}).get("held_out_loss"):

@@ -122,9 +122,7 @@ class Pipeline:
         if getattr(compensation[1], "holdout", 0) > 0 and self.calibration.calib_samples < 2:
             raise InvalidRequestError("lstsq chooses its ridge on held-out windows, so it needs --calib-samples 2 or "
                                       "more; or give --compensate lstsq:holdout=0")
-        if getattr(criterion.settings, "validate", 0) > 0 and self.calibration.calib_samples < 2:
-            raise InvalidRequestError(f"{criterion.name}:validate checks its choice on held-out windows, so it needs "
-                                      "--calib-samples 2 or more")
+        criterion.check_windows(self.calibration.calib_samples)
         depth_weights = log_depth_weights(self.layer_indices) if allocation[0] == "log" else None
         keep = allocate_uniform(self.adapter, self.layer_indices, config.ratio, config.round_to, depth_weights)
         return PreparedRun(config, criterion, allocation, compensation, keep)
@@ -134,13 +132,14 @@ class Pipeline:
         (and the gradient statistics in any case with `gradients`)."""
         gradients = gradients or any(v.criterion.needs_gradients for v in runs)
         activations = any(v.criterion.needs_activations for v in runs)
+        folds = max((v.criterion.gradient_folds for v in runs), default=1)
         with self.log.stage("calibrate"):
             windows = self.windows()  # built inside the stage, so its cost is counted there
             if gradients or activations:
                 self.stats = collect_statistics(
                     self.model, self.adapter, self.layer_indices, windows, gradients=gradients,
                     activations=activations, progress=self.progress, path=self.runtime.importance_path,
-                    store=self.runtime.activation_store,
+                    store=self.runtime.activation_store, folds=folds,
                 )
 
     def score(self, prepared: PreparedRun) -> dict[LayerKind, torch.Tensor]:

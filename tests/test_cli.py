@@ -172,6 +172,20 @@ def test_validated_fusion_reports_its_choice(tiny_folder, calib_text, tmp_path, 
     assert line.split()[-2 * len(fusion["held_out_loss"]) - 1] == f"{fusion['choice']}:"
 
 
+def test_cross_fitted_fusion_runs_end_to_end_and_says_so(tiny_folder, calib_text, tmp_path, capsys):
+    argv = ["prune", "--model", str(tiny_folder), "--ratio", "0.2", "--criterion", "hywia:steps=2:crossfit=true",
+            "--calib", str(calib_text), "--calib-samples", "4", "--seq-len", "32", "--layers", "0:4",
+            "--ppl-text", "none", "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["fusion"]["crossfit"] is True
+    assert any(line.startswith("blend, mean alpha (learned in 2 steps, cross-fitted)")
+               for line in capsys.readouterr().out.splitlines())
+    argv[argv.index("--calib-samples") + 1] = "1"
+    argv[argv.index("--out") + 1] = str(tmp_path / "p")
+    assert main(argv + ["--compensate", "bias"]) == 2
+    assert "crossfit" in capsys.readouterr().err and not (tmp_path / "p").exists()
+
+
 def test_profile_search_runs_end_to_end_and_its_recipe_repeats_it(tiny_folder, calib_text, tmp_path):
     """`--allocation search` through the CLI: the share requested, the search recorded in the report, and the
     saved recipe (every search setting written out) prunes to the same plan."""

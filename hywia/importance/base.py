@@ -81,6 +81,15 @@ class Criterion(ABC):
         """What the report says of this criterion beyond its name (the fusion's learned blend, say)."""
         return {}
 
+    def check_windows(self, count: int) -> None:
+        """Refuse, before any calibration, a number of calibration windows the criterion cannot work with."""
+
+    @property
+    def gradient_folds(self) -> int:
+        """Into how many folds of the windows the calibration pass must also split the gradient terms
+        (`Statistics.fold_taylor`); 1: none."""
+        return 1
+
 
 _CRITERIA: dict[str, Callable[..., Criterion]] = {}
 

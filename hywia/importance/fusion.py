@@ -40,6 +40,15 @@ view's criterion) are cut hard at the target, removed groups replaced as the sur
 least-squares prediction from the kept groups, fitted on the other windows, hywia.importance.refit; under `bias`: by
 their mean), and the one with the lowest LM loss on the held-out windows is returned: the fusion can become any
 single view when learning does not pay on windows it was not fitted on.
+
+With `crossfit` the blend never learns on the windows its gradient views were measured on. The calibration pass
+also keeps the fine and coarse terms of each half of the windows (interleaved: `Statistics.fold_taylor`); the
+steps alternate between the halves, blending one half's views while the loss is taken on windows of the other.
+Without it the objective rewards the coarse view in-sample: the first-order change of the calibration loss when a
+group is gated off is the coarse term on those same windows, which ranks worst of all views on held-out text. The
+scores returned blend the views of every window with the attention so learned. Fluctuation and obs come from all
+windows in both halves (sums over thousands of tokens, not a gradient mean that cancels), as do the context's
+rank agreements.
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InvalidRequestError
 from .base import Criterion, LayerKind, ScoringContext, normalise, register_criterion
+from .statistics import fold_of
 from .collect import lm_loss
 from .flap import fluctuation_scores
 from ..calibration.capture import forward_replaced
@@ -73,6 +83,7 @@ MIN_CORE_SHARE = 0.25  # and keeps at least this share (the global allocation's 
 VIEWS = ("fine", "coarse", "fluctuation")  # the default views
 KNOWN_VIEWS = VIEWS + ("obs",)
 LEARNABLE = ("blend", "scales")  # what the fusion's steps can update
+CROSSFIT_FOLDS = 2
 
 
 def raw_granularities(ctx: ScoringContext) -> dict[str, dict[LayerKind, torch.Tensor]]:
@@ -173,7 +184,8 @@ class FusionSettings:
     start (equal weights, the mean raw fine-grained saliency), so the two can be judged apart; `straight_through`:
     the model runs under the cut the pipeline would make from the current blend (each group kept or replaced whole)
     while the gradient is the soft gates', so the loss learned on is the cut's, not that of a model with every group
-    partly open."""
+    partly open; `crossfit`: the blend learns on windows other than those its gradient views were measured on
+    (module docstring)."""
 
     steps: int = 24
     batch_size: int = 4
@@ -187,6 +199,7 @@ class FusionSettings:
     refit: bool = False
     straight_through: bool = False
     learn: str = "+".join(LEARNABLE)
+    crossfit: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
@@ -220,6 +233,24 @@ class HywiaFusion(Criterion):
         super().__init__(**settings)
         self._summary: dict = {}
 
+    @property
+    def gradient_folds(self) -> int:
+        return CROSSFIT_FOLDS if self._crossfits else 1
+
+    @property
+    def _crossfits(self) -> bool:
+        return self.settings.crossfit and self.settings.steps > 0
+
+    def check_windows(self, count: int) -> None:
+        if self.settings.validate > 0 and count < 2:
+            raise InvalidRequestError(f"{self.name}:validate checks its choice on held-out windows, so it needs "
+                                      "--calib-samples 2 or more")
+        fit, _ = self._split(torch.empty(count, 0))
+        if self._crossfits and fit.shape[0] < CROSSFIT_FOLDS:
+            raise InvalidRequestError(f"{self.name}:crossfit learns on one half of the windows it does not hold out "
+                                      f"and measures on the other, so it needs {CROSSFIT_FOLDS} or more of them "
+                                      "(--calib-samples)")
+
     def score(self, ctx: ScoringContext) -> dict[LayerKind, torch.Tensor]:
         names = self.settings.views.split("+")
         raw = {**raw_granularities(ctx), "fluctuation": fluctuation_scores(ctx)}
@@ -233,6 +264,11 @@ class HywiaFusion(Criterion):
         keys = list(fine)
         n_layers = len(ctx.adapter.layers())
         tokens = {k: [_token_features(views[v][k]) for v in names] for k in keys}
+        # What each step blends, and the windows its loss is taken on: every view on every window, or with
+        # `crossfit` one fold's gradient views on the other fold's windows (module docstring).
+        sources, pools = [(views, tokens)], [fit]
+        if self._crossfits:
+            sources, pools = _crossfit_sources(ctx, names, normalised, fit)
         agreement = {k: spearman(fine[k], coarse[k]) for k in keys}
         fluctuation_agreement = {k: spearman(fine[k], normalised["fluctuation"][k]) for k in keys}
         context = {
@@ -249,9 +285,11 @@ class HywiaFusion(Criterion):
         log_scale = nn.Parameter(torch.tensor([math.log(max(scale[k], 1e-30)) for k in keys], dtype=torch.float64))
         initial_log_scale = log_scale.detach().clone()
 
-        def blend() -> tuple[dict[LayerKind, torch.Tensor], dict[LayerKind, torch.Tensor]]:
-            alphas = {k: attention(tokens[k], context[k]) for k in keys}
-            return {k: sum(alphas[k][:, i] * views[v][k] for i, v in enumerate(names)) for k in keys}, alphas
+        def blend(source: int | None = None) -> tuple[dict[LayerKind, torch.Tensor], dict[LayerKind, torch.Tensor]]:
+            """The blended scores and alphas, of `sources[source]`'s views (None: every window's)."""
+            source_views, source_tokens = (views, tokens) if source is None else sources[source]
+            alphas = {k: attention(source_tokens[k], context[k]) for k in keys}
+            return {k: sum(alphas[k][:, i] * source_views[v][k] for i, v in enumerate(names)) for k in keys}, alphas
 
         equal = {k: sum(views[v][k] for v in names) / len(names) for k in keys}
         # The soft mask sees the global allocation: one threshold over all layers, on score per parameter.
@@ -263,9 +301,9 @@ class HywiaFusion(Criterion):
         if not self.settings.steps:
             losses = []
         elif ctx.allocate is None:
-            losses = self._learn_uniform(ctx, attention, blend, fit, replacements)
+            losses = self._learn_uniform(ctx, attention, blend, pools, replacements)
         else:
-            losses = self._learn_global(ctx, attention, blend, log_scale, keys, keep, fit, replacements)
+            losses = self._learn_global(ctx, attention, blend, log_scale, keys, keep, pools, replacements)
         with torch.no_grad():
             scores, alphas = blend()
         learned_log_scale = log_scale.detach()
@@ -283,6 +321,7 @@ class HywiaFusion(Criterion):
                 for i, k in enumerate(keys)
             ],
             "steps": self.settings.steps,
+            "crossfit": self._crossfits,
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None,
             "held_out_windows": int(held_out.shape[0]),
@@ -306,7 +345,7 @@ class HywiaFusion(Criterion):
         held = min(max(math.ceil(self.settings.validate * batches.shape[0]), 1), batches.shape[0] - 1)
         return batches[:-held], batches[-held:]
 
-    def _learn_uniform(self, ctx: ScoringContext, attention: FusionAttention, blend, batches: torch.Tensor,
+    def _learn_uniform(self, ctx: ScoringContext, attention: FusionAttention, blend, pools: list[torch.Tensor],
                        replacements: dict | None) -> list[float]:
         """Soft gates per layer and kind at the uniform allocation's share (tau = that share's quantile of I)."""
         if "blend" not in self.settings.learned:
@@ -314,18 +353,19 @@ class HywiaFusion(Criterion):
         specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
         removed_share = {k: 1 - ctx.keep[k] / specs[k].count for k in specs}
 
-        def gates(temperature: float) -> tuple[dict[LayerKind, torch.Tensor], dict[LayerKind, torch.Tensor]]:
-            scores, _ = blend()
+        def gates(temperature: float, source: int
+                  ) -> tuple[dict[LayerKind, torch.Tensor], dict[LayerKind, torch.Tensor]]:
+            scores, _ = blend(source)
             soft = {k: torch.sigmoid((scores[k] - torch.quantile(scores[k], share)) / temperature)
                     for k, share in removed_share.items() if share > 0}
             return soft, {k: score.detach() for k, score in scores.items()}
 
         temperature = (self.settings.temperature_start, self.settings.temperature_end)
-        return self._optimise(ctx, list(attention.parameters()), gates, temperature, batches, replacements)
+        return self._optimise(ctx, list(attention.parameters()), gates, temperature, pools, replacements)
 
     def _learn_global(
         self, ctx: ScoringContext, attention: FusionAttention, blend, log_scale: nn.Parameter,
-        keys: list[LayerKind], keep: dict[LayerKind, int], batches: torch.Tensor, replacements: dict | None,
+        keys: list[LayerKind], keep: dict[LayerKind, int], pools: list[torch.Tensor], replacements: dict | None,
     ) -> list[float]:
         """Soft gates on log score per parameter against one global threshold, learning the layer scales too."""
         specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
@@ -335,8 +375,9 @@ class HywiaFusion(Criterion):
         target = sum((specs[k].count - keep[k]) * cost[k] for k in keys)
         costs = torch.cat([torch.full((specs[k].count,), float(cost[k]), dtype=torch.float64) for k in keys])
 
-        def gates(temperature: float) -> tuple[dict[LayerKind, torch.Tensor], dict[LayerKind, torch.Tensor]]:
-            scores, _ = blend()
+        def gates(temperature: float, source: int
+                  ) -> tuple[dict[LayerKind, torch.Tensor], dict[LayerKind, torch.Tensor]]:
+            scores, _ = blend(source)
             z = torch.cat([scores[k].clamp_min(1e-12).log() + log_scale[i] - math.log(cost[k])
                            for i, k in enumerate(keys)])
             order = z.detach().argsort()
@@ -350,16 +391,16 @@ class HywiaFusion(Criterion):
         params = [*(attention.parameters() if "blend" in learned else ()),
                   *([log_scale] if "scales" in learned else ())]
         temperature = (self.settings.log_temperature_start, self.settings.log_temperature_end)
-        return self._optimise(ctx, params, gates, temperature, batches, replacements)
+        return self._optimise(ctx, params, gates, temperature, pools, replacements)
 
     def _optimise(self, ctx: ScoringContext, params: list, gates_at, temperature: tuple[float, float],
-                  batches: torch.Tensor, replacements: dict | None) -> list[float]:
-        """Minimise the LM loss of the frozen model under the soft gates on `batches`, annealing T, gated-off
-        groups replaced by `replacements` (`_replacements`); returns the loss per step. `gates_at(T)` gives the soft
-        gates and the current scores; with `straight_through` the model runs under the cut the pipeline makes from
-        those scores (`ctx.kept_groups`: allocation and selection), the gradient passing as if through the soft
-        gates."""
-        if batches.shape[0] == 0:
+                  pools: list[torch.Tensor], replacements: dict | None) -> list[float]:
+        """Minimise the LM loss of the frozen model under the soft gates, annealing T, gated-off groups replaced by
+        `replacements` (`_replacements`); returns the loss per step. Step s draws its windows from pool
+        i = s % len(pools), and `gates_at(T, i)` gives the soft gates and the current scores of that pool's views;
+        with `straight_through` the model runs under the cut the pipeline makes from those scores
+        (`ctx.kept_groups`: allocation and selection), the gradient passing as if through the soft gates."""
+        if any(pool.shape[0] == 0 for pool in pools):
             raise InvalidRequestError("the learned fusion needs calibration samples")
         if self.settings.straight_through and ctx.kept_groups is None:
             raise InvalidRequestError("hywia:straight_through needs the pipeline's plan selection "
@@ -373,11 +414,13 @@ class HywiaFusion(Criterion):
         losses = []
         gates: dict[LayerKind, torch.Tensor] = {}
         head = ctx.model.get_output_embeddings()
-        chunked = head_is_last(ctx.model, batches[:1, :HEAD_CHECK_TOKENS].to(device))
+        chunked = head_is_last(ctx.model, pools[0][:1, :HEAD_CHECK_TOKENS].to(device))
         with _frozen(ctx.model), _gated(ctx, specs, gates, replacements), _recomputed(ctx.adapter.layers()):
             for step in tqdm(range(steps), desc="fusion", disable=not ctx.progress, leave=False):
                 t = t_start * (t_end / t_start) ** (step / max(steps - 1, 1))
-                soft, current = gates_at(t)
+                source = step % len(pools)
+                batches = pools[source]
+                soft, current = gates_at(t, source)
                 # The model runs one window at a time on leaf copies of the gates, whose gradients add up over
                 # the batch; one backward through the blend then follows. Same gradients as the whole batch at
                 # once, with one window's activations (and allocator fragmentation) at a time.
@@ -400,6 +443,24 @@ class HywiaFusion(Criterion):
                 torch.autograd.backward([soft[k] for k in reached], [gates[k].grad.to(soft[k]) for k in reached])
                 optimizer.step()
         return losses
+
+
+def _crossfit_sources(ctx: ScoringContext, names: list[str], normalised: dict[str, dict[LayerKind, torch.Tensor]],
+                      fit: torch.Tensor) -> tuple[list[tuple[dict, dict]], list[torch.Tensor]]:
+    """For each fold: (its views and their tokens, the windows of `fit` outside it). The gradient views are the
+    fold's own terms (`Statistics.fold_taylor`, window i in fold i % folds); the others are every window's."""
+    if len(ctx.stats.fold_taylor) != CROSSFIT_FOLDS:
+        raise InvalidRequestError(f"hywia:crossfit needs statistics in {CROSSFIT_FOLDS} folds "
+                                  "(collect_statistics(folds=...))")
+    sources, pools = [], []
+    for fold, terms in enumerate(ctx.stats.fold_taylor):
+        fold_views = {"fine": normalise({k: t.get("fine", FINE_ORDER) for k, t in terms.items()}),
+                      "coarse": normalise({k: t.get("coarse", COARSE_ORDER) for k, t in terms.items()})}
+        views = {v: fold_views.get(v, normalised[v]) for v in names}
+        sources.append((views, {k: [_token_features(views[v][k]) for v in names] for k in terms}))
+        others = [i for i in range(fit.shape[0]) if fold_of(i, CROSSFIT_FOLDS) != fold]
+        pools.append(fit[others])
+    return sources, pools
 
 
 def _hard_cut(kept: dict[LayerKind, list[int]], soft: dict[LayerKind, torch.Tensor]) -> dict[LayerKind, torch.Tensor]:

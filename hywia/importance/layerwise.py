@@ -10,7 +10,8 @@ gradient and its square: about twice the pruned layers' weights in extra memory.
 3. layers, from the last pruned one down: the layer is recomputed from each sample's stored input, the sample's
    upstream gradient is backpropagated through it, its weight gradients are accumulated (sum and sum of squares,
    float32), and the gradient at its input becomes the upstream gradient of the layer below. After the last sample
-   the mean gradient and Fisher diagonal are complete, reduced to the group terms and freed.
+   the mean gradient and Fisher diagonal are complete, reduced to the group terms and freed. Asked for folds, the
+   layer also keeps each fold's sums apart and reduces them to that fold's terms.
 
 Per sample and layer this computes exactly what the plain backward computes, in the same order, so the statistics
 agree to float rounding; the price is one extra forward of the pruned layers. Per-sample tensors (layer inputs and
@@ -33,8 +34,8 @@ from ..errors import UnsupportedModelError
 from ..measure import release_freed_memory
 from ..models import Adapter, GroupSpec
 from ..offload import execution_device, resident
-from .statistics import (Statistics, TaylorTerms, activation_hooks, check_finite, lm_loss, non_finite_loss_error,
-                         taylor_terms)
+from .statistics import (Statistics, TaylorTerms, activation_hooks, check_finite, fold_of, lm_loss,
+                         non_finite_loss_error, taylor_terms)
 
 UPSTREAM = "upstream"
 HEAD_CHUNK_ELEMENTS = 2**20  # logits per head chunk: 4 MB in float32
@@ -50,6 +51,7 @@ def layerwise_gradients(
     activations: bool,
     progress: bool,
     store: str,
+    folds: int = 1,
 ) -> Statistics:
     """Statistics equal to the plain pass's, holding one layer's gradient statistics at a time (module docstring).
 
@@ -58,7 +60,7 @@ def layerwise_gradients(
     layers = adapter.layers()
     low, high = min(layer_indices), max(layer_indices)
     on_disk = store == "disk" or (store == "auto" and execution_device(model).type == "cpu")
-    stats = Statistics()
+    stats = Statistics(fold_taylor=[{} for _ in range(folds)] if folds > 1 else [])
     acts = ActivationStore(on_disk)
     bar = tqdm(total=len(batches) * (high - low + 3), desc="calibration", disable=not progress, leave=False)
     try:
@@ -73,9 +75,11 @@ def layerwise_gradients(
         release_freed_memory()
         for index in range(high, low - 1, -1):
             specs = adapter.group_specs(layers[index]) if index in layer_indices else []
-            terms = _layer(layers[index], adapter.layer_name(index), index, specs, calls.pop(index), acts,
-                           input_grad=index > low, bar=bar)
+            terms, fold_terms = _layer(layers[index], adapter.layer_name(index), index, specs, calls.pop(index),
+                                       acts, input_grad=index > low, bar=bar, folds=folds)
             stats.taylor.update({(index, kind): value for kind, value in terms.items()})
+            for table, part in zip(stats.fold_taylor, fold_terms):
+                table.update({(index, kind): value for kind, value in part.items()})
             acts.drop(index)
             release_freed_memory()
     finally:
@@ -176,13 +180,18 @@ def _layer(
     *,
     input_grad: bool,
     bar: tqdm,
-) -> dict[str, TaylorTerms]:
-    """Step 3 for one layer: its group terms (none if it is not pruned) and the upstream gradient below it."""
+    folds: int = 1,
+) -> tuple[dict[str, TaylorTerms], list[dict[str, TaylorTerms]]]:
+    """Step 3 for one layer: its group terms (none if it is not pruned), those of each fold alone when `folds` > 1
+    (`Statistics.fold_taylor`), and the upstream gradient below it."""
     with resident(layer):
         device = execution_device(layer)
         params = {s.param: layer.get_parameter(s.param) for spec in specs for s in spec.slices}
         sums = {key: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for key, p in params.items()}
         squares = {key: torch.zeros_like(value) for key, value in sums.items()}
+        fold_moments = [({key: torch.zeros_like(v) for key, v in sums.items()},
+                         {key: torch.zeros_like(v) for key, v in sums.items()})
+                        for _ in range(folds if folds > 1 else 0)]
         for param in params.values():
             param.requires_grad_(True)
         try:
@@ -195,23 +204,31 @@ def _layer(
                                                 allow_unused=True)
                 if input_grad:
                     acts.put(UPSTREAM, sample, grads[0])
+                tables = [(sums, squares)] + ([fold_moments[fold_of(sample, folds)]] if fold_moments else [])
                 for key, grad in zip(params, grads[len(grads) - len(params):]):
                     if grad is not None:
                         grad = grad.float()
-                        sums[key].add_(grad)
-                        squares[key].addcmul_(grad, grad)
+                        for table_sums, table_squares in tables:
+                            table_sums[key].add_(grad)
+                            table_squares[key].addcmul_(grad, grad)
                 bar.update()
         finally:
             for param in params.values():
                 param.requires_grad_(False)
         for key in params:
-            sums[key] /= len(calls)
-            squares[key] /= len(calls)
             check_finite(f"{name}.{key}", sums[key], params[key].dtype)
-        return {
-            spec.kind: taylor_terms(spec, ((s, params[s.param].detach().float(), sums[s.param], squares[s.param])
-                                           for s in spec.slices))
-            for spec in specs
-        }
+        weights = {key: param.detach().float() for key, param in params.items()}
+
+        def terms(table_sums: dict, table_squares: dict, count: int) -> dict[str, TaylorTerms]:
+            for key in params:
+                table_sums[key] /= count
+                table_squares[key] /= count
+            return {spec.kind: taylor_terms(spec, ((s, weights[s.param], table_sums[s.param], table_squares[s.param])
+                                                   for s in spec.slices))
+                    for spec in specs}
+
+        counts = [len(range(fold, len(calls), folds)) for fold in range(len(fold_moments))]
+        return terms(sums, squares, len(calls)), [terms(*moments, count)
+                                                  for moments, count in zip(fold_moments, counts)]
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, InvalidRequestError
 from ..io.checks import first_non_finite
 from ..models import Adapter, GroupSpec, LayerKind, TensorSlice
 from ..offload import execution_device
@@ -42,13 +42,16 @@ class TaylorTerms:
 class Statistics:
     """What one calibration pass collected for the pruned layers.
 
-    `taylor` holds the group-level terms every gradient criterion reads. `act_sq`/`act_sum` (keys: the full name of
+    `taylor` holds the group-level terms every gradient criterion reads. `fold_taylor`, when the pass was asked for
+    folds, holds the same terms of each fold alone (window i in fold i % folds), so a learner can score groups on
+    windows it is not judged on. `act_sq`/`act_sum` (keys: the full name of
     a Linear's weight) are sums over calibration tokens of each input channel's square and value. `grad` (mean
     gradient) and `fisher` (mean squared per-sample gradient) are per weight and kept only by the plain path: the
     layer-by-layer path frees them layer by layer, which is its point.
     """
 
     taylor: dict[LayerKind, TaylorTerms] = field(default_factory=dict)
+    fold_taylor: list[dict[LayerKind, TaylorTerms]] = field(default_factory=list)
     act_sq: dict[str, torch.Tensor] = field(default_factory=dict)
     act_sum: dict[str, torch.Tensor] = field(default_factory=dict)
     grad: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -86,6 +89,16 @@ def taylor_terms(
             terms[f"fine{order}"] += b.abs().sum(1).double().cpu()
             terms[f"coarse{order}"] += b.sum(1).abs().double().cpu()
     return TaylorTerms(**terms)
+
+
+def fold_of(sample: int, folds: int) -> int:
+    """The fold a calibration window belongs to: interleaved, so every fold sees every part of a mixed source."""
+    return sample % folds
+
+
+def check_folds(folds: int, samples: int) -> None:
+    if not 1 <= folds <= max(samples, 1):
+        raise InvalidRequestError(f"gradient folds must lie in [1, calibration windows = {samples}], got {folds}")
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)

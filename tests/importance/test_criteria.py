@@ -234,6 +234,91 @@ def test_fusion_can_blend_the_obs_view(tiny_model_factory):
     assert all(torch.isfinite(score).all() for score in scores.values())
 
 
+def _folded_context(model, batches, ratio=0.3):
+    """A context over `batches` whose statistics keep two folds, under a global allocation."""
+    from functools import partial
+
+    from hywia.pruning import allocate_global
+
+    ctx = _context(model, ratio=ratio)
+    ctx.batches = batches
+    ctx.stats = collect_statistics(model, ctx.adapter, ctx.layer_indices, batches, progress=False, folds=2)
+    ctx.allocate = partial(allocate_global, ctx.adapter, ctx.layer_indices, ratio)
+    return ctx
+
+
+def test_crossfit_blends_one_folds_views_on_the_other_folds_windows(tiny_model_factory, monkeypatch):
+    """Every step's loss is taken on windows outside the fold whose views it blends (window i in fold i % 2)."""
+    from hywia.importance import fusion as fusion_module
+
+    model = tiny_model_factory("llama")
+    batches = torch.randint(0, 300, (6, 24), generator=torch.Generator().manual_seed(1))
+    ctx = _folded_context(model, batches)
+    events = []  # ("views", fold) when a fold's views are blended, ("window", index) when a window runs
+
+    class Recorded(dict):
+        def __init__(self, views, fold):
+            super().__init__(views)
+            self.fold = fold
+
+        def __getitem__(self, view):
+            events.append(("views", self.fold))
+            return super().__getitem__(view)
+
+    real_sources, real_final_hidden = fusion_module._crossfit_sources, fusion_module.final_hidden
+
+    def recorded_sources(*args):
+        sources, pools = real_sources(*args)
+        return [(Recorded(views, fold), tokens) for fold, (views, tokens) in enumerate(sources)], pools
+
+    def recorded_final_hidden(model, ids):
+        events.append(("window", next(i for i in range(6) if torch.equal(batches[i], ids[0]))))
+        return real_final_hidden(model, ids)
+
+    monkeypatch.setattr(fusion_module, "_crossfit_sources", recorded_sources)
+    monkeypatch.setattr(fusion_module, "final_hidden", recorded_final_hidden)
+    fusion = HywiaFusion(steps=4, batch_size=2, crossfit=True)
+    scores = fusion.score(ctx)
+    assert fusion.summary()["crossfit"]
+    folds, windows = [], 0
+    for event, value in events:
+        if event == "views":
+            folds.append(value)
+        else:
+            windows += 1
+            assert value % 2 != folds[-1]
+    assert windows == 8 and set(folds) == {0, 1}
+    assert all(torch.isfinite(score).all() for score in scores.values())
+
+
+def test_crossfit_on_identical_windows_learns_what_the_plain_fusion_learns(tiny_model_factory):
+    """With every window the same, each fold's views are every window's, so only the bookkeeping differs."""
+    model = tiny_model_factory("llama")
+    batches = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(2)).repeat(4, 1)
+    results = []
+    for crossfit in (False, True):
+        ctx = _folded_context(model, batches)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            results.append(HywiaFusion(steps=4, batch_size=2, crossfit=crossfit).score(ctx))
+    for key in results[0]:
+        torch.testing.assert_close(results[1][key], results[0][key], rtol=1e-5, atol=1e-12)
+
+
+def test_crossfit_asks_the_calibration_pass_for_folds_only_when_it_learns():
+    assert get_criterion("hywia:crossfit=true").gradient_folds == 2
+    assert get_criterion("hywia:crossfit=true:steps=0").gradient_folds == 1
+    assert get_criterion("hywia").gradient_folds == 1
+
+
+@pytest.mark.parametrize("option,windows", [("crossfit=true", 1), ("crossfit=true:validate=0.5", 3),
+                                            ("validate=0.25", 1)])
+def test_fusion_refuses_too_few_windows_before_calibrating(option, windows):
+    with pytest.raises(InvalidRequestError, match="calib-samples"):
+        get_criterion(f"hywia:{option}").check_windows(windows)
+    get_criterion(f"hywia:{option}").check_windows(8)
+
+
 @pytest.mark.parametrize("option", ["views=fine+fine", "views=fine+nope", "views=", "views=fine:validate=1.0",
                                     "learn=blend+blend", "learn=views", "learn="])
 def test_fusion_settings_are_checked(option):

@@ -107,3 +107,30 @@ def test_unknown_path_or_store(tiny_model_factory):
         collect_statistics(model, adapter_for(model), [1], _batches(), path="fast", progress=False)
     with pytest.raises(InvalidRequestError, match="activation store"):
         collect_statistics(model, adapter_for(model), [1], _batches(), store="ram", progress=False)
+
+
+@pytest.mark.parametrize("path", ["plain", "layerwise"])
+def test_each_folds_terms_are_those_of_its_windows_alone(tiny_model_factory, path):
+    """Window i belongs to fold i % folds; a fold's terms equal a pass over its windows alone, and asking for folds
+    leaves the terms of all windows as they were."""
+    model = tiny_model_factory("llama")
+    adapter, batches = adapter_for(model), _batches(count=5)
+    whole = collect_statistics(model, adapter, [1, 2], batches, progress=False, path=path)
+    folded = collect_statistics(model, adapter, [1, 2], batches, progress=False, path=path, folds=2)
+    assert not whole.fold_taylor and len(folded.fold_taylor) == 2
+    for key, terms in whole.taylor.items():
+        for term in TERMS:
+            torch.testing.assert_close(getattr(folded.taylor[key], term), getattr(terms, term), rtol=1e-6, atol=0)
+    for fold in range(2):
+        alone = collect_statistics(model, adapter, [1, 2], batches[fold::2], progress=False, path=path)
+        assert folded.fold_taylor[fold].keys() == alone.taylor.keys()
+        for key, terms in alone.taylor.items():
+            for term in TERMS:
+                torch.testing.assert_close(getattr(folded.fold_taylor[fold][key], term), getattr(terms, term),
+                                           rtol=1e-5, atol=1e-12)
+
+
+def test_more_folds_than_windows_are_refused(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    with pytest.raises(InvalidRequestError, match="folds"):
+        collect_statistics(model, adapter_for(model), [1], _batches(count=2), folds=3, progress=False)

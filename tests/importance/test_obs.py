@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hywia.importance import ScoringContext, collect_statistics, get_criterion
+from hywia.importance import ScoringContext, get_criterion
 from hywia.importance.obs import greedy_obs_errors, output_grams
 from hywia.models import adapter_for
 from hywia.pruning import allocate_uniform
