@@ -44,8 +44,8 @@ class Statistics:
 
     `taylor` holds the group-level terms every gradient criterion reads. `fold_taylor`, when the pass was asked for
     folds, holds the same terms of each fold alone (window i in fold i % folds), so a learner can score groups on
-    windows it is not judged on. `act_sq`/`act_sum` (keys: the full name of
-    a Linear's weight) are sums over calibration tokens of each input channel's square and value. `grad` (mean
+    windows it is not judged on. `act_sq`/`act_sum` (keys: the full name of a Linear's weight) are sums over
+    calibration tokens of each input channel's square and value. `grad` (mean
     gradient) and `fisher` (mean squared per-sample gradient) are per weight and kept only by the plain path: the
     layer-by-layer path frees them layer by layer, which is its point.
     """
@@ -97,6 +97,7 @@ def fold_of(sample: int, folds: int) -> int:
 
 
 def check_folds(folds: int, samples: int) -> None:
+    """Refuse a fold count that would leave a fold without windows."""
     if not 1 <= folds <= max(samples, 1):
         raise InvalidRequestError(f"gradient folds must lie in [1, calibration windows = {samples}], got {folds}")
 
