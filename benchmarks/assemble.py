@@ -22,7 +22,8 @@ SECTIONS = [
      "benchmarks/results/crossdomain-bench/wiki-crossfit.json"),
     ("Cross-domain: Gemma-3-270M under the default calibration", "crossdomain-gemma.md",
      "python benchmarks/crossdomain_summary.py --name crossdomain-gemma "
-     "benchmarks/results/crossdomain-bench/gemma-mix.json benchmarks/results/crossdomain-bench/gemma-steps0.json"),
+     "benchmarks/results/crossdomain-bench/gemma-mix.json benchmarks/results/crossdomain-bench/gemma-steps0.json "
+     "benchmarks/results/crossdomain-bench/gemma-views.json"),
     (None, "zeroshot-section.md", None),  # benchmarks/zeroshot_summary.py's table with the runs behind it
     ("Cost of a whole prune against the FLAP recipe", "prune-cost-5.md",
      "python benchmarks/prune_cost.py --ratio 0.2 --recipe 'hywia-default=' --recipe 'hywia-steps0=--criterion "
