@@ -23,8 +23,8 @@ from ..calibration import STORES
 from ..errors import InvalidRequestError
 from ..models import Adapter
 from ..offload import execution_device, is_offloaded
-from .statistics import (Statistics, accumulate, activation_hooks, check_finite, check_folds, fold_of, lm_loss,
-                         non_finite_loss_error, taylor_terms)
+from .statistics import (Statistics, accumulate, activation_hooks, check_finite, check_folds, fold_of, fold_sizes,
+                         lm_loss, non_finite_loss_error, taylor_terms)
 from .layerwise import layerwise_gradients
 
 PATHS = ("layerwise", "plain")
@@ -130,8 +130,8 @@ def _plain(model: nn.Module, adapter: Adapter, layer_indices: list[int], batches
             stats.samples += 1
     stats.loss = total_loss / max(stats.samples, 1)
     stats.taylor = _group_terms(adapter, layer_indices, stats.grad, stats.fisher, stats.samples)
-    stats.fold_taylor = [_group_terms(adapter, layer_indices, *moments, len(range(fold, stats.samples, folds)))
-                         for fold, moments in enumerate(fold_moments)]
+    stats.fold_taylor = [_group_terms(adapter, layer_indices, *moments, count)
+                         for moments, count in zip(fold_moments, fold_sizes(stats.samples, folds))]
     return stats
 
 

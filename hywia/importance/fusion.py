@@ -68,7 +68,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InvalidRequestError
 from .base import Criterion, LayerKind, ScoringContext, normalise, register_criterion
-from .statistics import fold_of
+from .statistics import TaylorTerms, fold_of
 from .collect import lm_loss
 from .flap import fluctuation_scores
 from ..calibration.capture import forward_replaced
@@ -88,9 +88,12 @@ LEARNABLE = ("blend", "scales")  # what the fusion's steps can update
 CROSSFIT_FOLDS = 2
 
 
-def raw_granularities(ctx: ScoringContext) -> dict[str, dict[LayerKind, torch.Tensor]]:
-    """The fine- and coarse-grained scores as their criteria give them (loss units)."""
-    return {"fine": taylor_scores(ctx, "fine", FINE_ORDER), "coarse": taylor_scores(ctx, "coarse", COARSE_ORDER)}
+def raw_granularities(ctx: ScoringContext, terms: dict[LayerKind, TaylorTerms] | None = None
+                      ) -> dict[str, dict[LayerKind, torch.Tensor]]:
+    """The fine- and coarse-grained scores as their criteria give them (loss units), from `terms` (default: every
+    window's)."""
+    return {"fine": taylor_scores(ctx, "fine", FINE_ORDER, terms),
+            "coarse": taylor_scores(ctx, "coarse", COARSE_ORDER, terms)}
 
 
 def layer_scales(fine: dict[LayerKind, torch.Tensor]) -> dict[LayerKind, float]:
@@ -244,10 +247,7 @@ class HywiaFusion(Criterion):
         return self.settings.crossfit and self.settings.steps > 0
 
     def check_windows(self, count: int) -> None:
-        if self.settings.validate > 0 and count < 2:
-            raise InvalidRequestError(f"{self.name}:validate checks its choice on held-out windows, so it needs "
-                                      "--calib-samples 2 or more")
-        fit, _ = self._split(torch.empty(count, 0))
+        fit, _ = self._split(torch.empty(count, 0))  # refuses `validate` without a window to hold out
         if self._crossfits and fit.shape[0] < CROSSFIT_FOLDS:
             raise InvalidRequestError(f"{self.name}:crossfit learns on one half of the windows it does not hold out "
                                       f"and measures on the other, so it needs {CROSSFIT_FOLDS} or more of them "
@@ -456,10 +456,9 @@ def _crossfit_sources(ctx: ScoringContext, names: list[str], normalised: dict[st
                                   "(collect_statistics(folds=...))")
     sources, pools = [], []
     for fold, terms in enumerate(ctx.stats.fold_taylor):
-        fold_views = {"fine": normalise({k: t.get("fine", FINE_ORDER) for k, t in terms.items()}),
-                      "coarse": normalise({k: t.get("coarse", COARSE_ORDER) for k, t in terms.items()})}
+        fold_views = {v: normalise(scores) for v, scores in raw_granularities(ctx, terms).items()}
         views = {v: fold_views.get(v, normalised[v]) for v in names}
-        sources.append((views, {k: [_token_features(views[v][k]) for v in names] for k in terms}))
+        sources.append((views, {k: [_token_features(views[v][k]) for v in names] for k in fold_views["fine"]}))
         others = [i for i in range(fit.shape[0]) if fold_of(i, CROSSFIT_FOLDS) != fold]
         pools.append(fit[others])
     return sources, pools

@@ -34,8 +34,8 @@ from ..errors import UnsupportedModelError
 from ..measure import release_freed_memory
 from ..models import Adapter, GroupSpec
 from ..offload import execution_device, resident
-from .statistics import (Statistics, TaylorTerms, activation_hooks, check_finite, fold_of, lm_loss,
-                         non_finite_loss_error, taylor_terms)
+from .statistics import (Statistics, TaylorTerms, activation_hooks, check_finite, fold_of, fold_sizes,
+                         lm_loss, non_finite_loss_error, taylor_terms)
 
 UPSTREAM = "upstream"
 HEAD_CHUNK_ELEMENTS = 2**20  # logits per head chunk: 4 MB in float32
@@ -227,8 +227,7 @@ def _layer(
                                                    for s in spec.slices))
                     for spec in specs}
 
-        counts = [len(range(fold, len(calls), folds)) for fold in range(len(fold_moments))]
-        return terms(sums, squares, len(calls)), [terms(*moments, count)
-                                                  for moments, count in zip(fold_moments, counts)]
+        sizes = fold_sizes(len(calls), folds)
+        return terms(sums, squares, len(calls)), [terms(*moments, size) for moments, size in zip(fold_moments, sizes)]
 
 

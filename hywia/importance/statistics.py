@@ -45,9 +45,9 @@ class Statistics:
     `taylor` holds the group-level terms every gradient criterion reads. `fold_taylor`, when the pass was asked for
     folds, holds the same terms of each fold alone (window i in fold i % folds), so a learner can score groups on
     windows it is not judged on. `act_sq`/`act_sum` (keys: the full name of a Linear's weight) are sums over
-    calibration tokens of each input channel's square and value. `grad` (mean
-    gradient) and `fisher` (mean squared per-sample gradient) are per weight and kept only by the plain path: the
-    layer-by-layer path frees them layer by layer, which is its point.
+    calibration tokens of each input channel's square and value. `grad` (mean gradient) and `fisher` (mean squared
+    per-sample gradient) are per weight and kept only by the plain path: the layer-by-layer path frees them layer by
+    layer, which is its point.
     """
 
     taylor: dict[LayerKind, TaylorTerms] = field(default_factory=dict)
@@ -94,6 +94,14 @@ def taylor_terms(
 def fold_of(sample: int, folds: int) -> int:
     """The fold a calibration window belongs to: interleaved, so every fold sees every part of a mixed source."""
     return sample % folds
+
+
+def fold_sizes(samples: int, folds: int) -> list[int]:
+    """How many of `samples` windows each fold holds (`fold_of`)."""
+    sizes = [0] * folds
+    for sample in range(samples):
+        sizes[fold_of(sample, folds)] += 1
+    return sizes
 
 
 def check_folds(folds: int, samples: int) -> None:

@@ -11,11 +11,15 @@ from __future__ import annotations
 import torch
 
 from .base import Criterion, LayerKind, ScoringContext, register_criterion
+from .statistics import TaylorTerms
 
 
-def taylor_scores(ctx: ScoringContext, mode: str, order: int) -> dict[LayerKind, torch.Tensor]:
-    return {(layer, spec.kind): ctx.stats.taylor[(layer, spec.kind)].get(mode, order).clone()
-            for layer, spec in ctx.items()}
+def taylor_scores(ctx: ScoringContext, mode: str, order: int,
+                  terms: dict[LayerKind, TaylorTerms] | None = None) -> dict[LayerKind, torch.Tensor]:
+    """One Taylor term per group, from `terms` (default: every window's, `ctx.stats.taylor`; a fold's from
+    `ctx.stats.fold_taylor`)."""
+    terms = ctx.stats.taylor if terms is None else terms
+    return {(layer, spec.kind): terms[(layer, spec.kind)].get(mode, order).clone() for layer, spec in ctx.items()}
 
 
 class _Taylor(Criterion):
