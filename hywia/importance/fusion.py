@@ -25,7 +25,9 @@ and at 20% the two are within 2% on both models. The learned blend stays the def
 The third view is this project's addition to the two the HyWIA method defines: with least-squares compensation, ranking
 by the loss-based views alone kept far worse groups at 50% (the ablation in BENCHMARKS.md). `views` chooses the views
 blended; `obs` (the output error left after a least-squares refit, hywia.importance.obs) is the one that sees what
-`--compensate lstsq` will do.
+`--compensate lstsq` will do. Without the coarse view (`views=fine+fluctuation`) the learned blend measured 4-11%
+better at 50% removed on SmolLM2-135M and Gemma-3-270M and 3-5% worse at 20% on SmolLM2 (BENCHMARKS.md "Tenth
+session"): the coarse view pays at low ratios, so the default keeps all three.
 
 With `refit` (under `--compensate lstsq`) the objective sees the least-squares surgery instead: a gated-off group
 is replaced by its least-squares prediction from the core groups (hywia.importance.refit.core_predictions): those
