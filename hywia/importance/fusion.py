@@ -26,8 +26,8 @@ The third view is this project's addition to the two the HyWIA method defines: w
 by the loss-based views alone kept far worse groups at 50% (the ablation in BENCHMARKS.md). `views` chooses the views
 blended; `obs` (the output error left after a least-squares refit, hywia.importance.obs) is the one that sees what
 `--compensate lstsq` will do. Without the coarse view (`views=fine+fluctuation`) the learned blend measured 4-11%
-better at 50% removed on SmolLM2-135M and Gemma-3-270M and 3-5% worse at 20% on SmolLM2 (BENCHMARKS.md "Tenth
-session"): the coarse view pays at low ratios, so the default keeps all three.
+better at 50% removed on SmolLM2-135M and Gemma-3-270M, 7% better on Gemma at 20% and 3-5% worse on SmolLM2 at 20%
+(BENCHMARKS.md "Tenth session"); the default still keeps all three.
 
 With `refit` (under `--compensate lstsq`) the objective sees the least-squares surgery instead: a gated-off group
 is replaced by its least-squares prediction from the core groups (hywia.importance.refit.core_predictions): those
@@ -345,7 +345,8 @@ class HywiaFusion(Criterion):
         if self.settings.validate == 0:
             return batches, batches[:0]
         if batches.shape[0] < 2:
-            raise InvalidRequestError("hywia:validate holds out windows to choose on, so it needs --calib-samples 2 or more")
+            raise InvalidRequestError("hywia:validate holds out windows to choose on, "
+                                      "so it needs --calib-samples 2 or more")
         held = min(max(math.ceil(self.settings.validate * batches.shape[0]), 1), batches.shape[0] - 1)
         return batches[:-held], batches[-held:]
 
