@@ -345,7 +345,7 @@ class HywiaFusion(Criterion):
         if self.settings.validate == 0:
             return batches, batches[:0]
         if batches.shape[0] < 2:
-            raise InvalidRequestError("hywia:validate holds out windows to choose on, "
+            raise InvalidRequestError(f"{self.name}:validate holds out windows to choose on, "
                                       "so it needs --calib-samples 2 or more")
         held = min(max(math.ceil(self.settings.validate * batches.shape[0]), 1), batches.shape[0] - 1)
         return batches[:-held], batches[-held:]
