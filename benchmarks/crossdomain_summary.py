@@ -34,13 +34,21 @@ def geometric_mean(evaluation: dict, texts: list[str]) -> float:
 
 
 def run_label(run: dict) -> str:
-    """The run's label, with the fusion's learning steps when the label does not give them: a bare `hywia` hides
-    whether the blend was learned (and for how long) or equal, and benches of different sessions sit side by side."""
+    """The run's label, with the fusion's views and learning steps when the label does not give them: a bare `hywia`
+    hides which views were blended (the default changed in the twelfth session) and whether the blend was learned
+    (and for how long) or equal, and benches of different sessions sit side by side."""
     fusion = run["report"].get("fusion") or {}
-    if "steps" not in fusion or "steps=" in run["label"]:
-        return run["label"]
-    name, _, options = run["label"].partition("@")
-    return f"{name}:steps={fusion['steps']}" + (f"@{options}" if options else "")
+    criterion, _, options = run["label"].partition("@")
+    name, *settings = criterion.split(":")
+    first = []  # views, then steps: as the label gives them, else as the run recorded them
+    for key in ("views", "steps"):
+        given = [setting for setting in settings if setting.startswith(f"{key}=")]
+        recorded = fusion.get(key)
+        if not given and recorded is not None:
+            given = [f"{key}={'+'.join(recorded) if isinstance(recorded, list) else recorded}"]
+        first += given
+    rest = [setting for setting in settings if setting not in first]
+    return ":".join([name, *first, *rest]) + (f"@{options}" if options else "")
 
 
 def summarise(records: list[dict], names: list[str]) -> dict:

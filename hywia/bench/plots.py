@@ -2,7 +2,7 @@
 
 - widths: per layer, the attention heads and MLP channels each criterion kept, one row per ratio;
 - agreement: per layer, how far fine- and coarse-grained rankings agree (Spearman) on the dense model;
-- alpha: per layer, the weight the learned fusion gave each view (fine, coarse, fluctuation).
+- alpha: per layer, the weight the learned fusion gave each view it blends (by default fine and fluctuation).
 """
 
 from __future__ import annotations

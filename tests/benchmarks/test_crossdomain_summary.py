@@ -36,13 +36,18 @@ def test_benches_of_one_source_are_ranked_together():
     assert "| 0.2 | `flap` | 20.00 | `b` |\n| 0.2 | `hywia` | 40.00 | `a` |" in text and "(dense: 10.00)" in text
 
 
-def test_a_fusion_run_is_named_with_its_learning_steps():
-    """A bare `hywia` does not say whether its blend was learned: the summary adds the steps the run recorded."""
+def test_a_fusion_run_is_named_with_its_views_and_learning_steps():
+    """A bare `hywia` does not say which views it blended or whether its blend was learned: the summary adds the
+    views and steps the run recorded, unless its label gives them, right after the criterion's name."""
     old = _record("mix", {"hywia": {"lambada": 11.0, "wiki": 90.0, "coqa": 20.0, "pydoc": 80.0},
-                          "hywia:steps=8@allocation=search": {"lambada": 11.0, "wiki": 90.0, "coqa": 20.0,
-                                                              "pydoc": 8.0},
+                          "hywia:steps=8:lr=0.1@allocation=search": {"lambada": 11.0, "wiki": 90.0,
+                                                                     "coqa": 20.0, "pydoc": 8.0},
+                          "hywia:lr=0.1:views=fine+obs": {"lambada": 11.0, "wiki": 90.0, "coqa": 20.0, "pydoc": 9.0},
                           "flap": {"lambada": 11.0, "wiki": 90.0, "coqa": 20.0, "pydoc": 20.0}})
-    old["runs"][0]["report"]["fusion"] = {"steps": 24}
-    old["runs"][1]["report"]["fusion"] = {"steps": 8}
+    old["runs"][0]["report"]["fusion"] = {"steps": 24, "views": ["fine", "coarse", "fluctuation"]}
+    old["runs"][1]["report"]["fusion"] = {"steps": 8, "views": ["fine", "fluctuation"]}
+    old["runs"][2]["report"]["fusion"] = {"steps": 24, "views": ["fine", "obs"]}
     labels = [row["label"] for row in summarise([old], ["a"])["rows"]]
-    assert labels == ["dense", "hywia:steps=24", "hywia:steps=8@allocation=search", "flap"]
+    assert labels == ["dense", "hywia:views=fine+coarse+fluctuation:steps=24",
+                      "hywia:views=fine+fluctuation:steps=8:lr=0.1@allocation=search",
+                      "hywia:views=fine+obs:steps=24:lr=0.1", "flap"]

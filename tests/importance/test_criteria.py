@@ -100,15 +100,18 @@ def test_fusion_starts_at_equal_weights_and_learns(tiny_model_factory):
     alpha = attention([torch.randn(5, 3, dtype=torch.float64) for _ in VIEWS], torch.randn(5, dtype=torch.float64))
     torch.testing.assert_close(alpha, torch.full((5, len(VIEWS)), 1 / len(VIEWS), dtype=torch.float64))
     ctx = _context(tiny_model_factory("llama"))
-    untrained = HywiaFusion(steps=0).score(ctx)
     fine, coarse, scale = granularities(ctx)
-    fluctuation = normalise(fluctuation_scores(ctx))
+    normalised = {"fine": fine, "coarse": coarse, "fluctuation": normalise(fluctuation_scores(ctx))}
+    untrained = HywiaFusion(steps=0).score(ctx)
+    three_views = HywiaFusion(steps=0, views="fine+coarse+fluctuation").score(ctx)
     for key in fine:
-        torch.testing.assert_close(untrained[key], (fine[key] + coarse[key] + fluctuation[key]) / 3 * scale[key])
+        default_blend = sum(normalised[view][key] for view in VIEWS) / len(VIEWS)
+        torch.testing.assert_close(untrained[key], default_blend * scale[key])
+        torch.testing.assert_close(three_views[key], sum(view[key] for view in normalised.values()) / 3 * scale[key])
     learned = HywiaFusion(steps=5, batch_size=2)
     learned.score(ctx)
     summary = learned.summary()
-    assert summary["steps"] == 5 and summary["alpha_mean"]["fine"] != pytest.approx(1 / 3, abs=1e-6)
+    assert summary["steps"] == 5 and summary["alpha_mean"]["fine"] != pytest.approx(1 / len(VIEWS), abs=1e-6)
     assert sum(summary["alpha_mean"].values()) == pytest.approx(1.0)
     assert all(p.requires_grad for p in ctx.model.parameters())
 
