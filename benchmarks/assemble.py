@@ -54,7 +54,7 @@ def main() -> None:
              "work), on the embedded SmolLM2-135M-Instruct whose weights sit on a 4-bit (Q4_1) grid: an Instruct "
              "model, so absolute perplexities are high and only comparisons within a table mean much. Sections that "
              "name Gemma-3-270M used the embedded Gemma-3-270M (a Q4_K_M GGUF rebuilt to float weights). Until the "
-             "eleventh session the default `hywia` blended three views (fine, coarse, fluctuation); sections written "
+             "twelfth session the default `hywia` blended three views (fine, coarse, fluctuation); sections written "
              "before it call that blend `hywia` or \"the default\". Since then the default blends fine and "
              "fluctuation, and the cross-domain tables name every fusion run by its views and learning steps.", ""]
     for title, name, command in SECTIONS:
