@@ -20,7 +20,9 @@ SECTIONS = [
      "benchmarks/results/crossdomain-bench/wiki-steps8.json benchmarks/results/crossdomain-bench/wiki-blend.json "
      "benchmarks/results/crossdomain-bench/wiki-scales.json benchmarks/results/crossdomain-bench/wiki-views.json "
      "benchmarks/results/crossdomain-bench/wiki-crossfit.json benchmarks/results/crossdomain-bench/wiki-views-ff.json "
-     "benchmarks/results/crossdomain-bench/wiki-35.json"),
+     "benchmarks/results/crossdomain-bench/wiki-35.json benchmarks/results/crossdomain-bench/wiki-mlp.json "
+     "benchmarks/results/crossdomain-bench/wiki-mlp-35.json "
+     "benchmarks/results/crossdomain-bench/wiki-attention-weight.json"),
     ("Cross-domain: Gemma-3-270M under the default calibration", "crossdomain-gemma.md",
      "python benchmarks/crossdomain_summary.py --name crossdomain-gemma "
      "benchmarks/results/crossdomain-bench/gemma-mix.json benchmarks/results/crossdomain-bench/gemma-steps0.json "

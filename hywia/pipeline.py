@@ -149,7 +149,8 @@ class Pipeline:
             ctx = ScoringContext(self.model, self.adapter, self.layer_indices, specs, self.windows(), prepared.keep,
                                  self.runtime.seed, self.stats, self.progress, self._allocator(prepared),
                                  prepared.compensation[0], partial(self._kept_groups, prepared),
-                                 getattr(prepared.compensation[1], "ridge", ScoringContext.ridge))
+                                 getattr(prepared.compensation[1], "ridge", ScoringContext.ridge),
+                                 getattr(prepared.allocation[1], "attention_weight", 1.0))
             with torch.random.fork_rng():
                 torch.manual_seed(self.runtime.seed)
                 return prepared.criterion.score(ctx)
@@ -263,4 +264,5 @@ class Pipeline:
         if name not in ("global", "search"):
             return None
         return partial(allocate_global, self.adapter, self.layer_indices, prepared.config.ratio,
-                       floor=settings.floor, round_to=prepared.config.round_to)
+                       floor=settings.floor, round_to=prepared.config.round_to,
+                       attention_weight=getattr(settings, "attention_weight", 1.0))

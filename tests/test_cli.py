@@ -131,6 +131,7 @@ def test_eval_refuses_bad_perplexity_text_before_loading_and_long_windows_after(
 @pytest.mark.parametrize("flags, message", [
     (["--criterion", "hywia:8"], "give settings as key=value"),
     (["--allocation", "global:floor=2"], "floor must lie in"),
+    (["--allocation", "global:attention_weight=0"], "attention_weight must be > 0"),
     (["--allocation", "search:survivors=9"], "survivors (9) cannot exceed offspring (8)"),
     (["--compensate", "lstsq:ridge=x"], "ridge must be float"),
     (["--compensate", "lstsq:holdout=1"], "holdout must lie in [0, 1)"),

@@ -57,6 +57,31 @@ def test_runs_are_checked_before_any_work(tiny_model_factory, tiny_tokenizer, ca
     assert pipeline.stats is None and not pipeline.log.stages
 
 
+@pytest.mark.parametrize("weight", [1.0, 0.3])
+def test_the_fusions_soft_mask_starts_at_the_allocations_attention_share(tiny_model_factory, tiny_tokenizer,
+                                                                          calibration, monkeypatch, weight):
+    """The learned soft mask ranks attention groups with the allocation's weight, so before any step it closes
+    heads where the allocation removes them, about as many (the allocation skips a group that would overshoot,
+    the soft mask's threshold does not). Without the weight in the mask, weight 0.3 closes no head at all."""
+    from hywia.importance import fusion
+
+    captured = []
+    monkeypatch.setattr(fusion.HywiaFusion, "_optimise",
+                        lambda self, ctx, params, gates_at, *rest: captured.append((ctx, gates_at)) or [])
+    pipeline = Pipeline(tiny_model_factory("llama"), tiny_tokenizer, layers="0:4", calibration=calibration,
+                        progress=False)
+    run = pipeline.prepare(PruneConfig(ratio=0.3, criterion="hywia:steps=3", layers="0:4",
+                                       allocation=f"global:attention_weight={weight}"))
+    pipeline.calibrate([run])
+    pipeline.score(run)
+    ctx, gates_at = captured[0]
+    soft, current = gates_at(1e-6, 0)
+    keep = ctx.allocate(current)
+    closed = sum(int((gate < 0.5).sum()) for (_, kind), gate in soft.items() if kind == "head")
+    removed = sum(spec.count - keep[(layer, spec.kind)] for layer, spec in ctx.items() if spec.kind == "head")
+    assert (closed == removed == 0) if weight == 1.0 else (removed > 0 and removed / 2 <= closed <= 2 * removed)
+
+
 def test_the_default_round_to_is_resolved_per_model_and_recorded(tiny_model_factory, tiny_tokenizer, calibration):
     wide = Pipeline(tiny_model_factory("llama"), tiny_tokenizer, layers="0:4", calibration=calibration)
     prepared = wide.prepare(PruneConfig(ratio=0.3, allocation="uniform", layers="0:4"))

@@ -36,6 +36,7 @@ class ScoringContext:
     compensate: str = "none"  # what surgery will put in place of a removed group's output (see pruning.compensate)
     kept_groups: Callable[[dict[LayerKind, torch.Tensor]], dict[LayerKind, list[int]]] | None = None
     ridge: float = 1e-2  # the least-squares compensation's ridge, in units of the mean diagonal
+    attention_weight: float = 1.0  # the global allocation's weight of attention groups' scores (allocate_global)
 
     def param(self, layer: int, name: str) -> torch.Tensor:
         """A weight of the layer (name relative to it) as float; loaded for the call when accelerate offloads it."""

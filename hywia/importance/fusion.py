@@ -15,7 +15,7 @@ LM loss on the calibration windows; a gated-off channel is replaced by its mean 
 the surgery will), by zero when it does not.
 
 With a global allocation the soft mask sees it: one threshold over all pruned layers on log(I) + log(scale)
-- log(parameters per group), where each (layer, kind)'s scale starts at its mean raw fine-grained saliency and
+- log(parameters per group) (+ log of the allocation's `attention_weight` for attention groups), where each (layer, kind)'s scale starts at its mean raw fine-grained saliency and
 is learned with the blend, so the end-to-end objective also decides how much each layer gives up.
 
 Learning is not a sure gain (issue 17's protocol: held-out text of other genres, BENCHMARKS.md "Eighth session"): on
@@ -62,7 +62,7 @@ difference to choose a default on, so it is off.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, ClassVar
@@ -79,6 +79,7 @@ from .collect import lm_loss
 from .flap import fluctuation_scores
 from ..calibration.capture import forward_replaced
 from ..calibration.prediction import InputPrediction
+from ..offload import is_offloaded
 from .layerwise import HEAD_CHECK_TOKENS, chunked_loss, final_hidden, head_is_last
 from .obs import OptimalBrainSurgeon
 from .refit import core_predictions, refit_held_out_losses
@@ -92,6 +93,8 @@ VIEWS = ("fine", "fluctuation")  # the default views (BENCHMARKS.md "Eleventh se
 KNOWN_VIEWS = ("fine", "coarse", "fluctuation", "obs")
 LEARNABLE = ("blend", "scales")  # what the fusion's steps can update
 CROSSFIT_FOLDS = 2
+# one window's saved activations above which the learning recomputes each layer in its backward
+RECOMPUTE_ABOVE_BYTES = 2**30
 
 
 def raw_granularities(ctx: ScoringContext, terms: dict[LayerKind, TaylorTerms] | None = None
@@ -388,7 +391,7 @@ class HywiaFusion(Criterion):
                   ) -> tuple[dict[LayerKind, torch.Tensor], dict[LayerKind, torch.Tensor]]:
             scores, _ = blend(source)
             z = torch.cat([scores[k].clamp_min(1e-12).log() + log_scale[i] - math.log(cost[k])
-                           for i, k in enumerate(keys)])
+                           + (0.0 if k[1] == "mlp" else math.log(ctx.attention_weight)) for i, k in enumerate(keys)])
             order = z.detach().argsort()
             cut = int(torch.searchsorted(costs[order].cumsum(0), torch.tensor(float(target), dtype=torch.float64)))
             tau = z.detach()[order[min(cut, z.numel() - 1)]]
@@ -424,7 +427,8 @@ class HywiaFusion(Criterion):
         gates: dict[LayerKind, torch.Tensor] = {}
         head = ctx.model.get_output_embeddings()
         chunked = head_is_last(ctx.model, pools[0][:1, :HEAD_CHECK_TOKENS].to(device))
-        with _frozen(ctx.model), _gated(ctx, specs, gates, replacements), _recomputed(ctx.adapter.layers()):
+        with _frozen(ctx.model), _gated(ctx, specs, gates, replacements), \
+                _recomputed_if_large(ctx, specs, gates, pools[0][:1].to(device)):
             for step in tqdm(range(steps), desc="fusion", disable=not ctx.progress, leave=False):
                 t = t_start * (t_end / t_start) ** (step / max(steps - 1, 1))
                 source = step % len(pools)
@@ -507,6 +511,37 @@ def _held_out_loss(ctx: ScoringContext, kept: dict[LayerKind, list[int]], batche
         for index in range(batches.shape[0]):
             total += float(lm_loss(ctx.model, batches[index:index + 1].to(device)))
     return total / batches.shape[0]
+
+
+def saved_activation_bytes(ctx: ScoringContext, specs: dict, gates: dict[LayerKind, torch.Tensor],
+                           window: torch.Tensor) -> int:
+    """What the backward of one window would hold (bytes of the tensors autograd saves, the logits included),
+    measured on a forward of `window` with every gate open and taking gradients; `gates` is left empty again."""
+    saved = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    device = window.device
+    gates.update({k: torch.ones(spec.count, device=device, requires_grad=True) for k, spec in specs.items()})
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), torch.enable_grad():
+            ctx.model(input_ids=window, use_cache=False)
+    finally:
+        gates.clear()
+    return saved
+
+
+def _recomputed_if_large(ctx: ScoringContext, specs: dict, gates: dict[LayerKind, torch.Tensor],
+                         window: torch.Tensor):
+    """Recomputation (`_recomputed`) where it pays: for an offloaded model (its layers' weights are not held
+    between forward and backward) or when one window's saved activations exceed RECOMPUTE_ABOVE_BYTES. Below
+    that, it only costs time: one more forward of every layer (about a fifth of the learning on SmolLM2-135M)."""
+    if is_offloaded(ctx.model) or saved_activation_bytes(ctx, specs, gates, window) > RECOMPUTE_ABOVE_BYTES:
+        return _recomputed(ctx.adapter.layers())
+    return nullcontext()
 
 
 @contextmanager

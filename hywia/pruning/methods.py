@@ -12,10 +12,15 @@ from .search import ProfileSearch
 @dataclass(frozen=True)
 class GlobalAllocation:
     floor: float = GLOBAL_FLOOR  # share of its groups every pruned (layer, kind) keeps at least
+    # attention groups' scores are multiplied by this in the ranking: above 1 heads go later, channels earlier
+    # (`allocate_global`)
+    attention_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.floor < 1.0:
             raise ValueError(f"floor must lie in [0, 1), got {self.floor}")
+        if not self.attention_weight > 0:
+            raise ValueError(f"attention_weight must be > 0, got {self.attention_weight}")
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,7 @@ COMPENSATIONS: dict[str, type] = {"none": NoSettings, "bias": NoSettings, "lstsq
 
 
 def parse_allocation(spec: str) -> tuple[str, NoSettings | GlobalAllocation | ProfileSearch]:
-    """`uniform`, `log`, `global[:floor=F]` or `search[:floor=F][:generations=G]...` (`pruning.search`)."""
+    """`uniform`, `log`, `global[:floor=F][:attention_weight=W]` or `search[:floor=F][:generations=G]...` (`pruning.search`)."""
     return parse_spec(spec, ALLOCATIONS, "allocation")
 
 

@@ -282,12 +282,15 @@ def allocate_global(
     scores: dict[LayerKind, torch.Tensor],
     floor: float = GLOBAL_FLOOR,
     round_to: int = 1,
+    attention_weight: float = 1.0,
 ) -> dict[LayerKind, int]:
     """Rank the groups of all pruned layers together by score per parameter and remove the cheapest first.
 
     Criteria return scores on a scale comparable across layers (Taylor terms estimate a change of the loss). Within a layer and kind, the
     removal order is the score order, so the plan `select` makes from these counts is exactly the greedy choice.
     Every (layer, kind) keeps at least `floor` of its groups (and at least one unit), so no layer is emptied.
+    Attention groups' scores count `attention_weight` times in the ranking: a prior that removing a head costs more
+    (or less) than the calibration scores say; the order within a layer stays the scores'.
     """
     _check_ratio(ratio)
     layers = adapter.layers()
@@ -299,7 +302,7 @@ def allocate_global(
         for spec in adapter.group_specs(layers[i]):
             key, unit, cost = (i, spec.kind), _unit(adapter, layers[i], spec), group_cost(layers[i], spec)
             keep[key] = spec.count
-            score = scores[key].double()
+            score = scores[key].double() * (1.0 if spec.kind == "mlp" else attention_weight)
             if unit > 1:  # the r-th removal takes the r-th weakest head of every KV group
                 score = score.view(unit, -1).sort(dim=1).values.sum(0)
             floor_units = _floor_units(score.numel(), floor)

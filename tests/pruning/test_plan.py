@@ -77,6 +77,30 @@ def test_global_allocation_reaches_ratio_and_keeps_a_floor(tiny_model_factory, r
     assert abs(1 - adapter_for(model).num_decoder_params() / before - ratio) < 0.01
 
 
+def test_attention_weight_moves_removals_between_heads_and_channels(tiny_model_factory):
+    """Weighting attention scores up removes fewer heads and more channels at the same total; weight 1 is the plain
+    global allocation; the achieved share holds either way."""
+    model = tiny_model_factory("llama", heads=8, kv_heads=2, layers=6)
+    adapter = adapter_for(model)
+    layers = parse_layers("1:5", 6)
+    generator = torch.Generator().manual_seed(0)
+    scores = {(i, s.kind): torch.rand(s.count, generator=generator)
+              for i in layers for s in adapter.group_specs(adapter.layers()[i])}
+    heads_kept = {}
+    for weight in (0.01, 1.0, 100.0):
+        keep = allocate_global(adapter, layers, 0.3, scores, attention_weight=weight)
+        heads_kept[weight] = sum(n for (_, kind), n in keep.items() if kind == "head")
+        pruned = tiny_model_factory("llama", heads=8, kv_heads=2, layers=6)
+        before = adapter_for(pruned).num_decoder_params()
+        apply_plan(pruned, select(adapter_for(pruned), scores, keep))
+        assert abs(1 - adapter_for(pruned).num_decoder_params() / before - 0.3) < 0.01
+    assert keep == allocate_global(adapter, layers, 0.3, {k: v * (100.0 if k[1] == "head" else 1.0)
+                                                          for k, v in scores.items()})
+    assert allocate_global(adapter, layers, 0.3, scores, attention_weight=1.0) == allocate_global(
+        adapter, layers, 0.3, scores)
+    assert heads_kept[0.01] <= heads_kept[1.0] < heads_kept[100.0]
+
+
 def test_global_allocation_refuses_an_unreachable_ratio(tiny_model_factory):
     from hywia.pruning import allocate_global
 
