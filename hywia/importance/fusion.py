@@ -15,8 +15,9 @@ LM loss on the calibration windows; a gated-off channel is replaced by its mean 
 the surgery will), by zero when it does not.
 
 With a global allocation the soft mask sees it: one threshold over all pruned layers on log(I) + log(scale)
-- log(parameters per group) (+ log of the allocation's `attention_weight` for attention groups), where each (layer, kind)'s scale starts at its mean raw fine-grained saliency and
-is learned with the blend, so the end-to-end objective also decides how much each layer gives up.
+- log(parameters per group) (+ log of the allocation's `attention_weight` for attention groups), where each
+(layer, kind)'s scale starts at its mean raw fine-grained saliency and is learned with the blend, so the end-to-end
+objective also decides how much each layer gives up.
 
 Learning is not a sure gain (issue 17's protocol: held-out text of other genres, BENCHMARKS.md "Eighth session"): on
 SmolLM2-135M the equal blend (`steps=0`) is 10-12% better at 50% removed under both calibration sources, on
@@ -516,18 +517,18 @@ def _held_out_loss(ctx: ScoringContext, kept: dict[LayerKind, list[int]], batche
 def saved_activation_bytes(ctx: ScoringContext, specs: dict, gates: dict[LayerKind, torch.Tensor],
                            window: torch.Tensor) -> int:
     """What the backward of one window would hold (bytes of the tensors autograd saves, the logits included),
-    measured on a forward of `window` with every gate open and taking gradients; `gates` is left empty again."""
+    counted on a forward of `window` with every gate open and taking gradients; nothing is kept (the probe must not
+    need the memory it measures), and `gates` is left empty again."""
     saved = 0
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
+    def pack(tensor: torch.Tensor) -> None:
         nonlocal saved
         saved += tensor.numel() * tensor.element_size()
-        return tensor
 
     device = window.device
     gates.update({k: torch.ones(spec.count, device=device, requires_grad=True) for k, spec in specs.items()})
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), torch.enable_grad():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None), torch.enable_grad():
             ctx.model(input_ids=window, use_cache=False)
     finally:
         gates.clear()

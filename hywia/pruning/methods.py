@@ -44,7 +44,8 @@ COMPENSATIONS: dict[str, type] = {"none": NoSettings, "bias": NoSettings, "lstsq
 
 
 def parse_allocation(spec: str) -> tuple[str, NoSettings | GlobalAllocation | ProfileSearch]:
-    """`uniform`, `log`, `global[:floor=F][:attention_weight=W]` or `search[:floor=F][:generations=G]...` (`pruning.search`)."""
+    """`uniform`, `log`, `global[:floor=F][:attention_weight=W]` or `search[:floor=F][:generations=G]...`
+    (`pruning.search`)."""
     return parse_spec(spec, ALLOCATIONS, "allocation")
 
 
