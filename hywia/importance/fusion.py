@@ -63,7 +63,7 @@ difference to choose a default on, so it is off.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, ClassVar
@@ -80,7 +80,6 @@ from .collect import lm_loss
 from .flap import fluctuation_scores
 from ..calibration.capture import forward_replaced
 from ..calibration.prediction import InputPrediction
-from ..offload import is_offloaded
 from .layerwise import HEAD_CHECK_TOKENS, chunked_loss, final_hidden, head_is_last
 from .obs import OptimalBrainSurgeon
 from .refit import core_predictions, refit_held_out_losses
@@ -94,8 +93,6 @@ VIEWS = ("fine", "fluctuation")  # the default views (BENCHMARKS.md "Eleventh se
 KNOWN_VIEWS = ("fine", "coarse", "fluctuation", "obs")
 LEARNABLE = ("blend", "scales")  # what the fusion's steps can update
 CROSSFIT_FOLDS = 2
-# one window's saved activations above which the learning recomputes each layer in its backward
-RECOMPUTE_ABOVE_BYTES = 2**30
 
 
 def raw_granularities(ctx: ScoringContext, terms: dict[LayerKind, TaylorTerms] | None = None
@@ -428,8 +425,7 @@ class HywiaFusion(Criterion):
         gates: dict[LayerKind, torch.Tensor] = {}
         head = ctx.model.get_output_embeddings()
         chunked = head_is_last(ctx.model, pools[0][:1, :HEAD_CHECK_TOKENS].to(device))
-        with _frozen(ctx.model), _gated(ctx, specs, gates, replacements), \
-                _recomputed_if_large(ctx, specs, gates, pools[0][:1].to(device)):
+        with _frozen(ctx.model), _gated(ctx, specs, gates, replacements), _recomputed(ctx.adapter.layers()):
             for step in tqdm(range(steps), desc="fusion", disable=not ctx.progress, leave=False):
                 t = t_start * (t_end / t_start) ** (step / max(steps - 1, 1))
                 source = step % len(pools)
@@ -512,37 +508,6 @@ def _held_out_loss(ctx: ScoringContext, kept: dict[LayerKind, list[int]], batche
         for index in range(batches.shape[0]):
             total += float(lm_loss(ctx.model, batches[index:index + 1].to(device)))
     return total / batches.shape[0]
-
-
-def saved_activation_bytes(ctx: ScoringContext, specs: dict, gates: dict[LayerKind, torch.Tensor],
-                           window: torch.Tensor) -> int:
-    """What the backward of one window would hold (bytes of the tensors autograd saves, the logits included),
-    counted on a forward of `window` with every gate open and taking gradients; nothing is kept (the probe must not
-    need the memory it measures), and `gates` is left empty again."""
-    saved = 0
-
-    def pack(tensor: torch.Tensor) -> None:
-        nonlocal saved
-        saved += tensor.numel() * tensor.element_size()
-
-    device = window.device
-    gates.update({k: torch.ones(spec.count, device=device, requires_grad=True) for k, spec in specs.items()})
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None), torch.enable_grad():
-            ctx.model(input_ids=window, use_cache=False)
-    finally:
-        gates.clear()
-    return saved
-
-
-def _recomputed_if_large(ctx: ScoringContext, specs: dict, gates: dict[LayerKind, torch.Tensor],
-                         window: torch.Tensor):
-    """Recomputation (`_recomputed`) where it pays: for an offloaded model (its layers' weights are not held
-    between forward and backward) or when one window's saved activations exceed RECOMPUTE_ABOVE_BYTES. Below
-    that, it only costs time: one more forward of every layer (about a fifth of the learning on SmolLM2-135M)."""
-    if is_offloaded(ctx.model) or saved_activation_bytes(ctx, specs, gates, window) > RECOMPUTE_ABOVE_BYTES:
-        return _recomputed(ctx.adapter.layers())
-    return nullcontext()
 
 
 @contextmanager

@@ -221,41 +221,6 @@ def test_fusion_step_recomputes_layers_and_chunks_the_head_without_changing_the_
     assert "forward" not in vars(ctx.adapter.layers()[0])  # the layers' own forward is back
 
 
-def test_fusion_recomputes_layers_only_above_the_activation_budget(tiny_model_factory, monkeypatch):
-    """The learning recomputes each layer only when one window's saved activations exceed the budget; either way
-    it learns the same blend (the recomputation repeats the same operations)."""
-    from hywia.importance import fusion
-
-    calls = []
-    original = fusion._recomputed
-    monkeypatch.setattr(fusion, "_recomputed", lambda layers: calls.append(len(layers)) or original(layers))
-    results = []
-    for budget in (2**40, 0):
-        monkeypatch.setattr(fusion, "RECOMPUTE_ABOVE_BYTES", budget)
-        criterion = HywiaFusion(steps=3)
-        scores = criterion.score(_context(tiny_model_factory("llama")))
-        results.append((scores, criterion.summary()["loss_last"]))
-    assert calls == [len(_context(tiny_model_factory("llama")).adapter.layers())]  # only under the zero budget
-    assert results[1][1] == pytest.approx(results[0][1], rel=1e-6)
-    for key in results[0][0]:
-        torch.testing.assert_close(results[1][0][key], results[0][0][key])
-
-
-def test_saved_activation_bytes_grow_with_the_window(tiny_model_factory):
-    """Measured under the gates (as the learning runs): nothing is saved without them, the weights being frozen."""
-    from hywia.importance.fusion import _gated, saved_activation_bytes
-
-    ctx = _context(tiny_model_factory("llama"))
-    specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
-    gates = {}
-    for param in ctx.model.parameters():
-        param.requires_grad_(False)
-    with _gated(ctx, specs, gates, None):
-        short, long = (saved_activation_bytes(ctx, specs, gates, ctx.batches[:1, :n]) for n in (8, 24))
-    assert 0 < short < long
-    assert gates == {}
-
-
 def test_fusion_of_one_view_is_that_views_criterion(tiny_model_factory):
     ctx = _context(tiny_model_factory("llama"))
     alone = HywiaFusion(steps=0, views="fine").score(ctx)
