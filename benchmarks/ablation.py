@@ -24,9 +24,10 @@ from hywia.pipeline import Pipeline
 from hywia.settings import CalibrationConfig, PruneConfig
 
 # The peers at their own recipes (LLM-Pruner's three criteria and Wanda-sp: uniform, no compensation; FLAP: global
-# allocation, bias compensation), then the fusion's ablation through hywia's own pipeline (global, lstsq).
+# allocation with heads and channels ranked alike, bias compensation), then the fusion's ablation through hywia's own
+# pipeline (global, lstsq).
 PEERS = ("taylor-element1/uniform/none,taylor-element2/uniform/none,taylor-vector/uniform/none,"
-         "wanda-sp/uniform/none,flap/global/bias")
+         "wanda-sp/uniform/none,flap/global:attention_weight=1/bias")
 ABLATION = "taylor-element1/global/lstsq,taylor-vector/global/lstsq,fixed:0.5/global/lstsq,flap/global/lstsq"
 
 

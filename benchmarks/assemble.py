@@ -22,7 +22,8 @@ SECTIONS = [
      "benchmarks/results/crossdomain-bench/wiki-crossfit.json benchmarks/results/crossdomain-bench/wiki-views-ff.json "
      "benchmarks/results/crossdomain-bench/wiki-35.json benchmarks/results/crossdomain-bench/wiki-mlp.json "
      "benchmarks/results/crossdomain-bench/wiki-mlp-35.json "
-     "benchmarks/results/crossdomain-bench/wiki-attention-weight.json"),
+     "benchmarks/results/crossdomain-bench/wiki-attention-weight.json "
+     "benchmarks/results/crossdomain-bench/wiki-attention-weight-35.json"),
     ("Cross-domain: Gemma-3-270M under the default calibration", "crossdomain-gemma.md",
      "python benchmarks/crossdomain_summary.py --name crossdomain-gemma "
      "benchmarks/results/crossdomain-bench/gemma-mix.json benchmarks/results/crossdomain-bench/gemma-steps0.json "
@@ -58,7 +59,11 @@ def main() -> None:
              "name Gemma-3-270M used the embedded Gemma-3-270M (a Q4_K_M GGUF rebuilt to float weights). Until the "
              "twelfth session the default `hywia` blended three views (fine, coarse, fluctuation); sections written "
              "before it call that blend `hywia` or \"the default\". Since then the default blends fine and "
-             "fluctuation, and the cross-domain tables name every fusion run by its views and learning steps.", ""]
+             "fluctuation, and the cross-domain tables name every fusion run by its views and learning steps. "
+             "Until the fourteenth session the global allocation ranked heads and channels alike "
+             "(`attention_weight=1`); since then heads' scores count 16 times by default, so a section measured "
+             "before it regenerates its numbers with `--allocation global:attention_weight=1` (bench entries: "
+             "`@allocation=...`).", ""]
     for title, name, command in SECTIONS:
         fragment = ROOT / "results" / name
         text = fragment.read_text().strip() if fragment.is_file() else "_Not measured yet._"

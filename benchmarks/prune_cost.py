@@ -4,7 +4,7 @@ repetition; CPU seconds are the process's user + system time (steadier than wall
 each stage's CPU seconds come from the prune's report. Writes benchmarks/results/NAME.json and .md.
 
     python benchmarks/prune_cost.py --ratio 0.2 --repeats 1 \
-        --recipe "default=" --recipe "flap=--criterion flap --compensate bias"
+        --recipe "default=" --recipe "flap=--criterion flap --allocation global:attention_weight=1 --compensate bias"
 """
 
 from __future__ import annotations

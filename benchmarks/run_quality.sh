@@ -20,7 +20,7 @@ export TOKENIZERS_PARALLELISM=false
 
 exec "$HYWIA" bench \
   --ratios 0.2,0.5 \
-  --criteria hywia,taylor-element1@allocation=uniform@compensate=none,taylor-element2@allocation=uniform@compensate=none,taylor-vector@allocation=uniform@compensate=none,fixed:0.5@allocation=uniform@compensate=none,wanda-sp@allocation=uniform@compensate=none,flap@compensate=bias,taylor-element1,magnitude,random \
+  --criteria hywia,taylor-element1@allocation=uniform@compensate=none,taylor-element2@allocation=uniform@compensate=none,taylor-vector@allocation=uniform@compensate=none,fixed:0.5@allocation=uniform@compensate=none,wanda-sp@allocation=uniform@compensate=none,flap@allocation=global:attention_weight=1@compensate=bias,taylor-element1,magnitude,random \
   --calib lambada --calib-samples 64 --seq-len 128 --seed 0 \
   --ppl-text lambada,coqa --ppl-tokens 16384 \
   --tasks all --limit 100 \

@@ -233,8 +233,8 @@ class Pipeline:
             "decoder_params_after": decoder_after,
             "layers_pruned": [self.layer_indices[0], self.layer_indices[-1] + 1],
             "attention": self.attention,
-            "allocation": config.allocation,
-            "compensate": config.compensate,
+            "allocation": format_spec(*pruned.prepared.allocation),  # written out: defaults change between versions
+            "compensate": format_spec(*pruned.prepared.compensation),
             "round_to": config.round_to,
             "importance_path": self.runtime.importance_path,
             "layers": [adapter.widths(layer) for layer in adapter.layers()],

@@ -175,6 +175,6 @@ def test_criterion_settings_reach_the_pipeline(tiny_model_factory, tiny_tokenize
     result = _prune(tiny_model_factory("llama"), tiny_tokenizer, calib_file, ratio=0.3, ppl_text=None,
                     criterion="hywia:steps=2:batch_size=1", allocation="global:floor=0.5")
     assert result.report["fusion"]["steps"] == 2
-    assert result.report["recipe"]["prune"]["allocation"] == "global:floor=0.5:attention_weight=1.0"
+    assert result.report["recipe"]["prune"]["allocation"] == "global:floor=0.5:attention_weight=16.0"
     with pytest.raises(InvalidRequestError, match="give settings as key=value"):
         _prune(tiny_model_factory("llama"), tiny_tokenizer, calib_file, ratio=0.3, criterion="hywia:8")

@@ -133,6 +133,7 @@ def test_eval_refuses_bad_perplexity_text_before_loading_and_long_windows_after(
     (["--allocation", "global:floor=2"], "floor must lie in"),
     (["--allocation", "global:attention_weight=0"], "attention_weight must be > 0"),
     (["--allocation", "search:survivors=9"], "survivors (9) cannot exceed offspring (8)"),
+    (["--allocation", "search:attention_weight=-1"], "attention_weight must be > 0"),
     (["--compensate", "lstsq:ridge=x"], "ridge must be float"),
     (["--compensate", "lstsq:holdout=1"], "holdout must lie in [0, 1)"),
     (["--seed", "one"], "seed must be int"),
@@ -198,7 +199,7 @@ def test_profile_search_runs_end_to_end_and_its_recipe_repeats_it(tiny_folder, c
     assert abs(report["ratio_achieved"] - 0.3) <= 0.01
     assert report["profile_search"]["kl"] <= report["profile_search"]["start_kl"]
     recipe = json.loads((tmp_path / "o" / "recipe.json").read_text())
-    assert recipe["prune"]["allocation"].startswith("search:floor=0.25:generations=4:")
+    assert recipe["prune"]["allocation"].startswith("search:floor=0.25:attention_weight=16.0:generations=4:")
     again = ["prune", "--model", str(tiny_folder), "--recipe", str(tmp_path / "o" / "recipe.json"), "--out",
              str(tmp_path / "again")]
     assert main(again) == 0

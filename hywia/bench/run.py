@@ -36,11 +36,12 @@ from .report import render_markdown, write_markdown
 
 # hywia's defaults; the single granularities and a fixed blend through the same pipeline (the fusion's ablation);
 # then each peer at its own published recipe: LLM-Pruner's three criteria (uniform, no compensation), FLAP (its
-# fluctuation metric, adaptive structure, bias compensation), Wanda-sp; and the data-free floors.
+# fluctuation metric, adaptive structure with heads and channels ranked alike, bias compensation), Wanda-sp; and the
+# data-free floors.
 DEFAULT_CRITERIA = (
     "hywia", "taylor-element1", "taylor-vector", "fixed:0.5",
     "taylor-element1@allocation=uniform@compensate=none", "taylor-element2@allocation=uniform@compensate=none",
-    "taylor-vector@allocation=uniform@compensate=none", "flap@compensate=bias",
+    "taylor-vector@allocation=uniform@compensate=none", "flap@allocation=global:attention_weight=1@compensate=bias",
     "wanda-sp@allocation=uniform@compensate=none", "magnitude", "random",
 )
 DEFAULT_LIMIT = 100

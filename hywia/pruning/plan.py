@@ -16,6 +16,7 @@ from ..errors import InvalidRequestError
 from ..models import Adapter, GroupSpec, LayerKind, TensorSlice
 
 GLOBAL_FLOOR = 0.25  # share of each (layer, kind) that global allocation keeps by default
+ATTENTION_WEIGHT = 16.0  # how many times attention groups' scores count in it by default (methods.GlobalAllocation)
 GLOBAL_TOLERANCE = 0.005  # share of the decoder parameters global allocation may miss the target by
 
 

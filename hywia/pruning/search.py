@@ -42,18 +42,20 @@ from ..calibration.capture import as_layer_output, forward_replaced
 from ..calibration.prediction import InputPrediction, input_prediction
 from ..models import Adapter, GroupSpec, LayerKind
 from ..offload import execution_device
-from .plan import GLOBAL_FLOOR, _floor_units, _rounding_step, _unit, group_cost, select
+from .plan import ATTENTION_WEIGHT, GLOBAL_FLOOR, _floor_units, _rounding_step, _unit, group_cost, select
 
 Profile = dict[LayerKind, int]
 
 
 @dataclass(frozen=True)
 class ProfileSearch:
-    """`--allocation search` settings: `floor` as the global allocation's; `generations` of `offspring` children,
-    `survivors` of them judged on all `windows` (the first calibration windows); an MLP moves `1/levels` of its
-    channels per step, attention one head per KV group (or one KV group)."""
+    """`--allocation search` settings: `floor` and `attention_weight` as the global allocation's (they make the
+    start profile); `generations` of `offspring` children, `survivors` of them judged on all `windows` (the first
+    calibration windows); an MLP moves `1/levels` of its channels per step, attention one head per KV group (or one
+    KV group)."""
 
     floor: float = GLOBAL_FLOOR
+    attention_weight: float = ATTENTION_WEIGHT
     generations: int = 50
     offspring: int = 8
     survivors: int = 2
@@ -63,6 +65,8 @@ class ProfileSearch:
     def __post_init__(self) -> None:
         if not 0.0 <= self.floor < 1.0:
             raise ValueError(f"floor must lie in [0, 1), got {self.floor}")
+        if not self.attention_weight > 0:
+            raise ValueError(f"attention_weight must be > 0, got {self.attention_weight}")
         for name in ("offspring", "survivors", "windows", "levels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
