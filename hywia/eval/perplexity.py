@@ -10,15 +10,16 @@ from torch import nn
 
 from ..data.text import adds_bos, heldout_passages, token_stream, windows
 from ..errors import InvalidRequestError
-from ..importance.layerwise import HEAD_CHECK_TOKENS, HEAD_CHUNK_ELEMENTS, final_hidden, head_is_last
+from ..importance.layerwise import HEAD_CHECK_TOKENS, final_hidden, head_chunk_tokens, head_is_last
 
 
 @torch.no_grad()
 def perplexity(model: nn.Module, batches: torch.Tensor, batch_size: int = 8) -> float:
     """exp(mean next-token NLL) over every predicted position of every window [n, seq_len].
 
-    Where the output embedding gives the logits as they are, it runs on a few tokens at a time, so the
-    vocabulary-wide logits of a batch (several times the weights of a small model) never exist at once."""
+    Where the output embedding gives the logits as they are, it runs on chunks of tokens
+    (`head_chunk_tokens`), so the vocabulary-wide logits of a batch (several times the weights of a small model)
+    never exist at once."""
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     was_training = model.training
@@ -41,7 +42,7 @@ def _chunked_nll(model: nn.Module, ids: torch.Tensor) -> float:
     head = model.get_output_embeddings()
     final = final_hidden(model, ids)
     inputs, targets = final[:, :-1].reshape(-1, final.shape[-1]), ids[:, 1:].reshape(-1)
-    step = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
+    step = head_chunk_tokens(head)
     return sum(F.cross_entropy(head(inputs[s:s + step]).float(), targets[s:s + step], reduction="sum").item()
                for s in range(0, targets.numel(), step))
 

@@ -5,8 +5,8 @@ gradient and its square: about twice the pruned layers' weights in extra memory.
 
 1. forward: every sample runs up to the last pruned layer; each pruned layer's input (and the call's other
    arguments: positions, mask) is stored, and the last pruned layer's output;
-2. top: the layers above and the head run from that stored output, one sample at a time (the head a few tokens
-   at a time), and backpropagate to it: the upstream gradient of every sample, and the loss;
+2. top: the layers above and the head run from that stored output, one sample at a time (the head on chunks
+   of tokens, `head_chunk_tokens`), and backpropagate to it: the upstream gradient of every sample, and the loss;
 3. layers, from the last pruned one down: the layer is recomputed from each sample's stored input, the sample's
    upstream gradient is backpropagated through it, its weight gradients are accumulated (sum and sum of squares,
    float32), and the gradient at its input becomes the upstream gradient of the layer below. After the last sample
@@ -38,7 +38,8 @@ from .statistics import (Statistics, TaylorTerms, activation_hooks, check_finite
                          lm_loss, non_finite_loss_error, taylor_terms)
 
 UPSTREAM = "upstream"
-HEAD_CHUNK_ELEMENTS = 2**20  # logits per head chunk: 4 MB in float32
+HEAD_CHUNK_ELEMENTS = 2**20  # logits per head chunk at least: 4 MB in float32
+HEAD_CHUNK_WEIGHT_SHARE = 16  # and up to 1/16 of the head's weight elements (`head_chunk_tokens`)
 HEAD_CHECK_TOKENS = 16
 
 
@@ -101,8 +102,8 @@ def _top(
     """Step 2: the loss and its gradient at the last pruned layer's output, sample by sample.
 
     The model's own forward runs with the layers up to `high` standing aside (the last one hands over the stored
-    output) and its output embedding passing the final hidden states through; the head then runs on a few tokens
-    at a time (`chunked_loss`), so the vocabulary-wide logits of a whole window never exist at once.
+    output) and its output embedding passing the final hidden states through; the head then runs on chunks of
+    tokens (`chunked_loss`), so the vocabulary-wide logits of a whole window never exist at once.
     """
     current: dict[str, torch.Tensor] = {}
 
@@ -131,13 +132,21 @@ def _top(
     stats.loss = total_loss / max(stats.samples, 1)
 
 
+def head_chunk_tokens(head: nn.Module) -> int:
+    """Tokens per chunk of the output embedding: logits up to 1/16 of its weight (at least 4 MB), so memory stays a
+    small share of the weights while every read of the weight serves many tokens. At 4 MB alone Gemma-3's 262k
+    vocabulary gave 4 tokens a chunk: the 168M-element weight was read 32 times per 128-token window."""
+    vocab, hidden = head.weight.shape
+    return max(1, HEAD_CHUNK_ELEMENTS // vocab, hidden // HEAD_CHUNK_WEIGHT_SHARE)
+
+
 def chunked_loss(head: nn.Module, final: torch.Tensor, ids: torch.Tensor, share: float = 1.0) -> float:
     """`lm_loss` of windows `ids` [batch, tokens] and its backward from their final hidden states, the head applied
-    to a few tokens at a time (so the vocabulary-wide logits never exist at once); returns the loss. `share` scales
-    loss and gradients: the part of a larger batch's mean that these windows are."""
+    to chunks of tokens (`head_chunk_tokens`: the vocabulary-wide logits never exist at once); returns the loss.
+    `share` scales loss and gradients: the part of a larger batch's mean that these windows are."""
     leaf = final.detach().requires_grad_()
     inputs, targets = leaf[:, :-1].reshape(-1, leaf.shape[-1]), ids[:, 1:].reshape(-1)
-    chunk = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
+    chunk = head_chunk_tokens(head)
     total = 0.0
     for start in range(0, targets.numel(), chunk):
         logits = head(inputs[start:start + chunk]).float()

@@ -15,6 +15,7 @@ from hywia.data.text import token_stream, windows
 from hywia.errors import InvalidRequestError
 from hywia.eval.api import parse_tasks, parse_texts
 from hywia.eval.perplexity import perplexity
+from hywia.importance import layerwise
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def test_perplexity_equals_direct_computation_from_logits(model, tiny_tokenizer,
 
     if head == "whole logits":  # as for a family that transforms its logits after the output embedding
         monkeypatch.setattr(module, "head_is_last", lambda model, ids: False)
-    monkeypatch.setattr(module, "HEAD_CHUNK_ELEMENTS", 300 * 7)  # 7 tokens a chunk: several per window
+    monkeypatch.setattr(layerwise, "HEAD_CHUNK_ELEMENTS", 300 * 7)  # 7 tokens a chunk: several per window
     batch = windows(token_stream(tiny_tokenizer, [TINY_TEXT] * 3), 16)
     assert batch.shape[0] >= 5  # several chunks of batch_size 2, the last one partial
     with torch.no_grad():

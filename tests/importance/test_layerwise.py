@@ -3,10 +3,11 @@ scores and the same groups, for every gradient-based criterion."""
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, BloomConfig
 
 from hywia.errors import InvalidRequestError
-from hywia.importance import ScoringContext, collect_statistics, get_criterion
+from hywia.importance import ScoringContext, collect_statistics, get_criterion, layerwise
 from hywia.importance.fusion import HywiaFusion
 from hywia.models import adapter_for
 from hywia.pruning import allocate_uniform, select
@@ -134,3 +135,14 @@ def test_more_folds_than_windows_are_refused(tiny_model_factory):
     model = tiny_model_factory("llama")
     with pytest.raises(InvalidRequestError, match="folds"):
         collect_statistics(model, adapter_for(model), [1], _batches(count=2), folds=3, progress=False)
+
+
+@pytest.mark.parametrize("vocab, hidden, tokens", [
+    (262144, 640, 40),  # Gemma-3-270M: 1/16 of the weight, not 4 tokens a chunk
+    (49152, 576, 36),  # SmolLM2-135M
+    (300, 64, 2**20 // 300),  # a tiny model: the 4 MB floor
+])
+def test_head_chunks_grow_with_the_head_so_its_weight_is_read_rarely(vocab, hidden, tokens):
+    head = nn.Linear(hidden, vocab, bias=False, device="meta")
+    assert layerwise.head_chunk_tokens(head) == tokens
+    assert tokens * vocab <= max(layerwise.HEAD_CHUNK_ELEMENTS, head.weight.numel() // 16) + vocab
