@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..settings import NoSettings, parse_spec
-from .plan import ATTENTION_WEIGHT, GLOBAL_FLOOR
+from .plan import ATTENTION_WEIGHT, GLOBAL_FLOOR, check_global_settings
 from .search import ProfileSearch
 
 
@@ -18,10 +18,7 @@ class GlobalAllocation:
     attention_weight: float = ATTENTION_WEIGHT
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.floor < 1.0:
-            raise ValueError(f"floor must lie in [0, 1), got {self.floor}")
-        if not self.attention_weight > 0:
-            raise ValueError(f"attention_weight must be > 0, got {self.attention_weight}")
+        check_global_settings(self.floor, self.attention_weight)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,14 @@ ATTENTION_WEIGHT = 16.0  # how many times attention groups' scores count in it b
 GLOBAL_TOLERANCE = 0.005  # share of the decoder parameters global allocation may miss the target by
 
 
+def check_global_settings(floor: float, attention_weight: float) -> None:
+    """The global allocation's settings, checked where a spec gives them (`global` and the start of `search`)."""
+    if not 0.0 <= floor < 1.0:
+        raise ValueError(f"floor must lie in [0, 1), got {floor}")
+    if not attention_weight > 0:
+        raise ValueError(f"attention_weight must be > 0, got {attention_weight}")
+
+
 @dataclass
 class PruningPlan:
     attention: str

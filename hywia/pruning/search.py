@@ -42,7 +42,8 @@ from ..calibration.capture import as_layer_output, forward_replaced
 from ..calibration.prediction import InputPrediction, input_prediction
 from ..models import Adapter, GroupSpec, LayerKind
 from ..offload import execution_device
-from .plan import ATTENTION_WEIGHT, GLOBAL_FLOOR, _floor_units, _rounding_step, _unit, group_cost, select
+from .plan import (ATTENTION_WEIGHT, GLOBAL_FLOOR, _floor_units, _rounding_step, _unit, check_global_settings,
+                   group_cost, select)
 
 Profile = dict[LayerKind, int]
 
@@ -63,10 +64,7 @@ class ProfileSearch:
     levels: int = 16
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.floor < 1.0:
-            raise ValueError(f"floor must lie in [0, 1), got {self.floor}")
-        if not self.attention_weight > 0:
-            raise ValueError(f"attention_weight must be > 0, got {self.attention_weight}")
+        check_global_settings(self.floor, self.attention_weight)
         for name in ("offspring", "survivors", "windows", "levels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
