@@ -113,12 +113,24 @@ def replay_start(
     model: nn.Module, layers: list[nn.Module], low: int, high: int, batches: torch.Tensor
 ) -> tuple[dict[int, list[LayerCall]], list[torch.Tensor]]:
     """What a pass that replays layers low..high in order starts from: every call of those layers, and layer `low`'s
-    input for each window on the CPU (the pass advances the hidden states through the layers itself)."""
+    input for each window on the CPU (the pass advances the hidden states through the layers itself).
+
+    Only the layers up to `low` compute: each layer above it records its call and hands layer `low`'s output on.
+    A decoder layer's call (positions, masks, rotary tables) comes from the model's own forward, not from the
+    hidden states below it, so the calls are those of the full forward, at the cost of a forward up to `low`."""
     acts = ActivationStore(on_disk=False)
+    output = {}
+
+    def keep(module: nn.Module, args: tuple, result) -> None:
+        output["low"] = result
+
+    handle = layers[low].register_forward_hook(keep)
     try:
-        calls, _ = capture_layer_inputs(model, layers, low, high, batches, acts, input_layers={low})
+        with forward_replaced(layers[low + 1:high + 1], lambda *args, **kwargs: output["low"]):
+            calls, _ = capture_layer_inputs(model, layers, low, high, batches, acts, input_layers={low})
         return calls, [acts.get(low, sample, torch.device("cpu")) for sample in range(len(batches))]
     finally:
+        handle.remove()
         acts.close()
 
 

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 import hywia
 from conftest import TINY_TEXT
 from family_checks import (
+    VOCAB,
     check_removal_equals_zeroing,
     ids,
     logits,
@@ -25,6 +26,7 @@ from family_checks import (
     tiny_family_configs,
     tiny_family_model,
 )
+from hywia.calibration import ActivationStore, LayerCall, capture_layer_inputs, replay_start
 from hywia.cli import main
 from hywia.io import load_model
 from hywia.models import adapter_for, supported_architectures
@@ -223,3 +225,38 @@ def test_llama_cpp_runs_the_export(case, pruned, tmp_path):
     gelu = getattr(result.model.config, "hidden_activation", None) == "gelu_pytorch_tanh"
     np.testing.assert_allclose(scores, logits(result.model, torch.tensor([tokens]))[0].numpy(), rtol=0,
                                atol=GELU_TABLE_ATOL if gelu else 1e-4)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_replay_start_records_the_calls_of_the_full_forward(case):
+    """A replay starts with the layers above `low` only recording their calls (hywia.calibration.replay_start): the
+    calls and `low`'s inputs must equal those of a forward through every layer (per-layer-type masks included)."""
+    model = tiny_family_model(case)
+    layers = adapter_for(model).layers()
+    batches = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
+    calls, hidden = replay_start(model, layers, 1, len(layers) - 1, batches)
+    store = ActivationStore(on_disk=False)
+    full, _ = capture_layer_inputs(model, layers, 1, len(layers) - 1, batches, store, input_layers={1})
+    assert calls.keys() == full.keys()
+    for index in full:
+        for replayed, reference in zip(calls[index], full[index], strict=True):
+            assert _leaves(replayed) == _leaves(reference)
+            torch.testing.assert_close(replayed.run(layers[index], hidden[0]),
+                                       reference.run(layers[index], hidden[0]), atol=0, rtol=0)
+    for sample in range(len(batches)):
+        torch.testing.assert_close(hidden[sample], store.get(1, sample, torch.device("cpu")), atol=0, rtol=0)
+    store.close()
+
+
+def _leaves(call: LayerCall) -> list:
+    """A call's arguments as comparable leaves (a tensor as its shape, dtype and values)."""
+    leaves, stack = [], [call.positional, *call.args, *sorted(call.kwargs.items())]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (tuple, list)):
+            stack.extend(item)
+        elif isinstance(item, torch.Tensor):
+            leaves.append((tuple(item.shape), item.dtype, item.flatten().tolist()))
+        else:
+            leaves.append(item if isinstance(item, (int, float, str, bool, type(None))) else repr(item))
+    return leaves
