@@ -23,15 +23,16 @@ SECTIONS = [
      "benchmarks/results/crossdomain-bench/wiki-35.json benchmarks/results/crossdomain-bench/wiki-mlp.json "
      "benchmarks/results/crossdomain-bench/wiki-mlp-35.json "
      "benchmarks/results/crossdomain-bench/wiki-attention-weight.json "
-     "benchmarks/results/crossdomain-bench/wiki-attention-weight-35.json"),
+     "benchmarks/results/crossdomain-bench/wiki-attention-weight-35.json "
+     "benchmarks/results/crossdomain-bench/wiki-views-bs2.json"),
     ("Cross-domain: Gemma-3-270M under the default calibration", "crossdomain-gemma.md",
      "python benchmarks/crossdomain_summary.py --name crossdomain-gemma "
      "benchmarks/results/crossdomain-bench/gemma-mix.json benchmarks/results/crossdomain-bench/gemma-steps0.json "
      "benchmarks/results/crossdomain-bench/gemma-views.json"),
     (None, "zeroshot-section.md", None),  # benchmarks/zeroshot_summary.py's table with the runs behind it
-    ("Cost of a whole prune against the FLAP recipe", "prune-cost-5.md",
-     "python benchmarks/prune_cost.py --ratio 0.2 --recipe 'hywia-default=' --recipe 'hywia-steps0=--criterion "
-     "hywia:steps=0' --recipe 'flap=--criterion flap --compensate bias' --reference flap --name prune-cost-5"),
+    ("Cost of a whole prune against the FLAP recipe", "prune-cost-9.md",
+     "python benchmarks/prune_cost.py --ratio 0.2 --repeats 1 --recipe 'hywia-default=' --recipe 'flap=--criterion "
+     "flap --allocation global:attention_weight=1 --compensate bias' --reference flap --name prune-cost-9"),
     ("Quality: criterion x allocation x compensation (no recovery tuning)", "ablation.md",
      "python benchmarks/ablation.py --ratios 0.2,0.5 --calib-samples 64 --eval-tokens 4096"),
     ("Variants tried on the way to the defaults", "variants.md", None),
