@@ -72,9 +72,9 @@ def _loss_above(model: nn.Module, layer: nn.Module, ids: torch.Tensor, hidden: t
 
 @torch.no_grad()
 def refit_held_out_losses(ctx: ScoringContext, kept: dict[str, dict[LayerKind, list[int]]], fit: torch.Tensor,
-                          held_out: torch.Tensor, ridge: float) -> dict[str, float]:
-    """Mean LM loss on the `held_out` windows of each candidate cut (`kept`: name -> the groups its plan keeps),
-    its removed inputs predicted by least squares fitted on the `fit` windows (module docstring)."""
+                          held_out: torch.Tensor, ridge: float) -> dict[str, torch.Tensor]:
+    """The LM loss on each of the `held_out` windows of each candidate cut (`kept`: name -> the groups its plan
+    keeps), its removed inputs predicted by least squares fitted on the `fit` windows (module docstring)."""
     layers = ctx.adapter.layers()
     low, high = min(ctx.layer_indices), max(ctx.layer_indices)
     fit_calls, fit_hidden = replay_start(ctx.model, layers, low, high, fit)
@@ -99,6 +99,6 @@ def refit_held_out_losses(ctx: ScoringContext, kept: dict[str, dict[LayerKind, l
                 with _predicted_inputs(layer, predictions):
                     for sample, call in enumerate(held_calls[index]):
                         hidden[name][sample] = call.run(layer, hidden[name][sample].to(device)).cpu()
-    return {name: sum(_loss_above(ctx.model, layers[high], held_out[sample], state[sample])
-                      for sample in range(held_out.shape[0])) / held_out.shape[0]
+    return {name: torch.tensor([_loss_above(ctx.model, layers[high], held_out[sample], state[sample])
+                                for sample in range(held_out.shape[0])], dtype=torch.float64)
             for name, state in hidden.items()}

@@ -182,7 +182,7 @@ def test_straight_through_fusion_learns_on_the_loss_of_the_hard_cut(tiny_model_f
     fusion.score(ctx)
     drawn = torch.randint(ctx.batches.shape[0], (3,), generator=torch.Generator().manual_seed(ctx.seed))
     start = HywiaFusion(steps=0).score(ctx)
-    cut = _held_out_loss(ctx, ctx.kept_groups(start), ctx.batches[drawn])
+    cut = float(_held_out_loss(ctx, ctx.kept_groups(start), ctx.batches[drawn]).mean())
     assert fusion.summary()["loss_first"] == pytest.approx(cut, rel=1e-5)
     soft = HywiaFusion(steps=1, batch_size=3)
     soft.score(ctx)
@@ -323,7 +323,7 @@ def test_fusion_refuses_too_few_windows_before_calibrating(option, windows):
 
 
 @pytest.mark.parametrize("option", ["views=fine+fine", "views=fine+nope", "views=", "views=fine:validate=1.0",
-                                    "learn=blend+blend", "learn=views", "learn="])
+                                    "learn=blend+blend", "learn=views", "learn=", "validate=0.25:margin=-1"])
 def test_fusion_settings_are_checked(option):
     with pytest.raises(InvalidRequestError):
         get_criterion(f"hywia:{option}")
@@ -358,8 +358,24 @@ def test_held_out_loss_is_the_loss_of_the_physically_pruned_model(tiny_model_fac
     pruned = copy.deepcopy(model)
     apply_plan(pruned, select(adapter_for(pruned, "heads"), scores, ctx.keep))
     with torch.no_grad():
-        cut = sum(float(lm_loss(pruned, held[i:i + 1])) for i in range(held.shape[0])) / held.shape[0]
-    assert gated == pytest.approx(cut, rel=1e-5)
+        cut = [float(lm_loss(pruned, held[i:i + 1])) for i in range(held.shape[0])]
+    assert gated.tolist() == pytest.approx(cut, rel=1e-5)
+
+
+def test_a_view_replaces_the_learned_blend_only_when_it_is_lower_by_the_margin():
+    """The paired standard error is that of the per-window differences; a view lower by 1.22 of them replaces the
+    blend under margins 0 and 1, not 2; a view that is not lower never does; one window gives no error."""
+    from hywia.importance.fusion import _choose
+
+    learned = torch.tensor([4.0, 4.2, 4.4, 4.6], dtype=torch.float64)
+    losses = {"learned": learned, "fine": learned - torch.tensor([0.1, 0.3, -0.1, 0.1], dtype=torch.float64),
+              "fluctuation": learned + 0.5}
+    error = (0.08 / 3) ** 0.5 / 2  # the differences' sample deviation over sqrt(4)
+    assert _choose(losses, 0.0) == ("fine", {"fine": pytest.approx(error), "fluctuation": pytest.approx(0.0)})
+    assert _choose(losses, 1.0)[0] == "fine" and _choose(losses, 2.0)[0] == "learned"
+    one = {name: loss[:1] for name, loss in losses.items()}
+    assert _choose(one, 0.0) == ("fine", {"fine": None, "fluctuation": None})
+    assert _choose(one, 1.0)[0] == "learned"
 
 
 def test_validated_fusion_judges_a_least_squares_cut_by_its_refit(tiny_model_factory):
@@ -375,5 +391,5 @@ def test_validated_fusion_judges_a_least_squares_cut_by_its_refit(tiny_model_fac
     summary = fusion.summary()
     fit, held = ctx.batches[:2], ctx.batches[2:]
     refit = refit_held_out_losses(ctx, {"chosen": ctx.kept_groups(scores)}, fit, held, ctx.ridge)["chosen"]
-    assert summary["held_out_loss"][summary["choice"]] == pytest.approx(refit, rel=1e-9)
+    assert summary["held_out_loss"][summary["choice"]] == pytest.approx(float(refit.mean()), rel=1e-9)
     assert set(summary["held_out_loss"]) == {"learned", "fine", "obs"}
