@@ -195,8 +195,9 @@ class FusionSettings:
     (`log_temperature_*` for the global allocation's gates on log score per parameter). `views`: the views blended,
     joined by '+'; `validate`: the share of calibration windows held out to choose between the learned blend and
     each view alone (0: none); `margin`: how many standard errors of the paired per-window difference a view's
-    held-out loss must lie below the learned blend's to replace it (0: the lowest mean wins); `refit`: under `lstsq`, a gated-off group is replaced by its least-squares prediction
-    from the core groups (`core_predictions`) instead of its mean; `learn`: what the steps update, joined by '+':
+    held-out loss must lie below the learned blend's to replace it (0: the lowest mean wins); `refit`: under
+    `lstsq`, a gated-off group is replaced by its least-squares prediction from the core groups
+    (`core_predictions`) instead of its mean; `learn`: what the steps update, joined by '+':
     `blend` (the attention) and `scales` (the layer scales of a global allocation); the part left out stays at its
     start (equal weights, the mean raw fine-grained saliency), so the two can be judged apart; `straight_through`:
     the model runs under the cut the pipeline would make from the current blend (each group kept or replaced whole)
@@ -521,8 +522,8 @@ def _validation_losses(ctx: ScoringContext, candidates: dict[str, dict[LayerKind
 
 @torch.no_grad()
 def _held_out_loss(ctx: ScoringContext, kept: dict[LayerKind, list[int]], batches: torch.Tensor) -> torch.Tensor:
-    """The LM loss of each window of `batches` with the groups outside `kept` gated off hard, replaced by their mean (or zero
-    without compensation)."""
+    """The LM loss of each window of `batches` with the groups outside `kept` gated off hard, replaced by their mean
+    (or zero without compensation)."""
     specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
     device = next(ctx.model.parameters()).device
     gates = {}
