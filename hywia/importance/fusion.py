@@ -502,12 +502,9 @@ def _choose(losses: dict[str, torch.Tensor], margin: float) -> tuple[str, dict[s
     errors = {name: float((loss - learned).std() / math.sqrt(count)) if count > 1 else None
               for name, loss in losses.items() if name != "learned"}
     best = min(losses, key=lambda name: float(losses[name].mean()))
-    gap = float((learned - losses[best]).mean())
-    if best == "learned" or gap <= 0:
-        return "learned", errors
-    if margin == 0 or (errors[best] is not None and gap > margin * errors[best]):
-        return best, errors
-    return "learned", errors
+    gap = float((learned - losses[best]).mean())  # 0 when the blend itself is lowest
+    switch = gap > 0 and (margin == 0 or (errors[best] is not None and gap > margin * errors[best]))
+    return (best if switch else "learned"), errors
 
 
 def _validation_losses(ctx: ScoringContext, candidates: dict[str, dict[LayerKind, torch.Tensor]], fit: torch.Tensor,
