@@ -99,6 +99,7 @@ MIN_CORE_SHARE = 0.25  # and keeps at least this share (the global allocation's 
 VIEWS = ("fine", "fluctuation")  # the default views (BENCHMARKS.md "Eleventh session")
 KNOWN_VIEWS = ("fine", "coarse", "fluctuation", "obs")
 LEARNABLE = ("blend", "scales")  # what the fusion's steps can update
+POOLS = ("arithmetic", "geometric")  # how the weighted views combine (FusionSettings.pool)
 CROSSFIT_FOLDS = 2
 
 
@@ -206,7 +207,9 @@ class FusionSettings:
     the model runs under the cut the pipeline would make from the current blend (each group kept or replaced whole)
     while the gradient is the soft gates', so the loss learned on is the cut's, not that of a model with every group
     partly open; `crossfit`: the blend learns on windows other than those its gradient views were measured on
-    (module docstring)."""
+    (module docstring); `pool`: `arithmetic` blends the normalised scores, sum of alpha_v * score_v, `geometric`
+    their logs, the product of score_v ** alpha_v, whose ranking within a layer does not depend on how each view is
+    normalised."""
 
     steps: int = 24
     batch_size: int = 4
@@ -222,6 +225,7 @@ class FusionSettings:
     straight_through: bool = False
     learn: str = "+".join(LEARNABLE)
     crossfit: bool = False
+    pool: str = "arithmetic"
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
@@ -235,6 +239,8 @@ class FusionSettings:
             raise ValueError(f"validate must lie in [0, 1), got {self.validate}")
         if self.margin < 0:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
         if min(self.temperature_start, self.temperature_end, self.log_temperature_start,
                self.log_temperature_end) <= 0:
             raise ValueError("temperatures must be > 0")
@@ -306,13 +312,15 @@ class HywiaFusion(Criterion):
         log_scale = nn.Parameter(torch.tensor([math.log(max(scale[k], 1e-30)) for k in keys], dtype=torch.float64))
         initial_log_scale = log_scale.detach().clone()
 
+        combine = partial(_pooled, geometric=self.settings.pool == "geometric")
+
         def blend(source: int | None = None) -> tuple[dict[LayerKind, torch.Tensor], dict[LayerKind, torch.Tensor]]:
             """The blended scores and alphas, of `sources[source]`'s views (None: every window's)."""
             source_views, source_tokens = (views, tokens) if source is None else sources[source]
             alphas = {k: attention(source_tokens[k], context[k]) for k in keys}
-            return {k: sum(alphas[k][:, i] * source_views[v][k] for i, v in enumerate(names)) for k in keys}, alphas
+            return {k: combine([source_views[v][k] for v in names], alphas[k].unbind(1)) for k in keys}, alphas
 
-        equal = {k: sum(views[v][k] for v in names) / len(names) for k in keys}
+        equal = {k: combine([views[v][k] for v in names], None) for k in keys}
         # The soft mask sees the global allocation: one threshold over all layers, on score per parameter.
         keep = ctx.keep if ctx.allocate is None else ctx.allocate({k: equal[k] * scale[k] for k in keys})
         specs = {(layer, spec.kind): spec for layer, spec in ctx.items()}
@@ -484,6 +492,18 @@ def _crossfit_sources(ctx: ScoringContext, names: list[str], normalised: dict[st
         others = [i for i in range(fit.shape[0]) if fold_of(i, CROSSFIT_FOLDS) != fold]
         pools.append(fit[others])
     return sources, pools
+
+
+def _pooled(scores: list[torch.Tensor], weights: tuple[torch.Tensor, ...] | None, geometric: bool) -> torch.Tensor:
+    """The views' normalised scores combined with `weights` (one weight per group and view; None: equal). A
+    geometric pool is brought back to mean 1, as each view is, so that the layer scales alone still set how layers
+    compare under a global allocation."""
+    terms = [score.clamp_min(1e-12).log() for score in scores] if geometric else scores
+    pooled = sum(terms) / len(terms) if weights is None else sum(w * term for w, term in zip(weights, terms))
+    if not geometric:
+        return pooled
+    pooled = pooled.exp()
+    return pooled / pooled.mean()
 
 
 def _hard_cut(kept: dict[LayerKind, list[int]], soft: dict[LayerKind, torch.Tensor]) -> dict[LayerKind, torch.Tensor]:

@@ -221,6 +221,19 @@ def test_fusion_step_recomputes_layers_and_chunks_the_head_without_changing_the_
     assert "forward" not in vars(ctx.adapter.layers()[0])  # the layers' own forward is back
 
 
+def test_geometric_pool_blends_the_views_logs(tiny_model_factory):
+    ctx = _context(tiny_model_factory("llama"))
+    fine, _, scale = granularities(ctx)
+    fluctuation = normalise(fluctuation_scores(ctx))
+    geometric = HywiaFusion(steps=0, pool="geometric").score(ctx)
+    for key in fine:
+        product = (fine[key] * fluctuation[key]).sqrt()
+        torch.testing.assert_close(geometric[key], product / product.mean() * scale[key])
+    learned = HywiaFusion(steps=3, batch_size=2, pool="geometric")
+    learned.score(ctx)
+    assert learned.summary()["alpha_mean"]["fine"] != pytest.approx(0.5, abs=1e-6)
+
+
 def test_fusion_of_one_view_is_that_views_criterion(tiny_model_factory):
     ctx = _context(tiny_model_factory("llama"))
     alone = HywiaFusion(steps=0, views="fine").score(ctx)
@@ -323,7 +336,8 @@ def test_fusion_refuses_too_few_windows_before_calibrating(option, windows):
 
 
 @pytest.mark.parametrize("option", ["views=fine+fine", "views=fine+nope", "views=", "views=fine:validate=1.0",
-                                    "learn=blend+blend", "learn=views", "learn=", "validate=0.25:margin=-1"])
+                                    "learn=blend+blend", "learn=views", "learn=", "validate=0.25:margin=-1",
+                                    "pool=harmonic"])
 def test_fusion_settings_are_checked(option):
     with pytest.raises(InvalidRequestError):
         get_criterion(f"hywia:{option}")
