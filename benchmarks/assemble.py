@@ -27,7 +27,8 @@ SECTIONS = [
      "benchmarks/results/crossdomain-bench/wiki-views-bs2.json "
      "benchmarks/results/crossdomain-bench/wiki-validate-16.json "
      "benchmarks/results/crossdomain-bench/wiki-windows-128.json "
-     "benchmarks/results/crossdomain-bench/wiki-margin-16.json"),
+     "benchmarks/results/crossdomain-bench/wiki-margin-16.json "
+     "benchmarks/results/crossdomain-bench/wiki-pool-geometric.json"),
     ("Cross-domain: Gemma-3-270M under the default calibration", "crossdomain-gemma.md",
      "python benchmarks/crossdomain_summary.py --name crossdomain-gemma "
      "benchmarks/results/crossdomain-bench/gemma-mix.json benchmarks/results/crossdomain-bench/gemma-steps0.json "

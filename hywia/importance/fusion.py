@@ -55,6 +55,11 @@ learned blend by that many standard errors of the paired per-window difference. 
   On Gemma-3-270M at 50% it still switches to the fluctuation view, which is 9% worse on foreign text.
 - Held-out windows of the calibration source favour the views built from its statistics, so both stay off.
 
+With `pool=geometric` the views' logs are blended instead of their normalised scores, so that the view whose
+scores spread further does not decide the order whatever alpha says. Measured (BENCHMARKS.md "Seventeenth
+session"): level with the default on SmolLM2-135M's six cells, 18-24% worse on Gemma-3-270M at 20%, where it
+loses dialogue and code, so it is off.
+
 With `crossfit` the blend never learns on the windows its gradient views were measured on. The calibration pass
 also keeps the fine and coarse terms of each half of the windows (interleaved: `Statistics.fold_taylor`); the
 steps alternate between the halves, blending one half's views while the loss is taken on windows of the other.
