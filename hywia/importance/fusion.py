@@ -359,7 +359,7 @@ class HywiaFusion(Criterion):
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None,
             "held_out_windows": int(held_out.shape[0]),
-            "held_out_loss": {name: float(losses.mean()) for name, losses in validation.items()},
+            "held_out_loss": {name: float(per_window.mean()) for name, per_window in validation.items()},
             "held_out_paired_se": errors,
             "margin": self.settings.margin,
             "choice": choice,
