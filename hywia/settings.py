@@ -129,9 +129,9 @@ class PruneConfig:
                                          "the global profile improved by an evolutionary search on the dense "
                                          "model's KL (EvoPress)")
     compensate: str = _setting("lstsq", "bias: fold the removed groups' mean output into a bias (FLAP); lstsq: "
-                                        "refit the kept columns by least squares, the ridge (RIDGE x 10^-2..10^2 "
-                                        "of the mean diagonal) or the bias alone chosen on a share HOLDOUT of "
-                                        "the windows held out (0: RIDGE, fitted on all)")
+                                        "refit the kept columns by least squares, the ridge (RIDGE x 10^-DECADES.."
+                                        "10^DECADES of the mean diagonal) or the bias alone chosen on a share "
+                                        "HOLDOUT of the windows held out (0: RIDGE, fitted on all)")
     attention: str = _setting("heads", "remove query heads evenly per KV group, whole KV groups, or no attention "
                                        "(MLP channels only)", choices=("heads", "kv", "none"))
     layers: str | None = _setting(None, "layers to prune as A:B (default: all but the first ~10%% and the last 2)")

@@ -136,6 +136,7 @@ def test_eval_refuses_bad_perplexity_text_before_loading_and_long_windows_after(
     (["--allocation", "search:attention_weight=-1"], "attention_weight must be > 0"),
     (["--compensate", "lstsq:ridge=x"], "ridge must be float"),
     (["--compensate", "lstsq:holdout=1"], "holdout must lie in [0, 1)"),
+    (["--compensate", "lstsq:decades=-1"], "decades must be >= 0"),
     (["--seed", "one"], "seed must be int"),
     (["--recipe", "missing.json"], "cannot read recipe"),
 ])

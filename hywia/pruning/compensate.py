@@ -67,24 +67,25 @@ class ProjectionMoments:
             sums.gram.addmm_(z.T, z)
             sums.cross.addmm_((x[:, self.removed] @ self.weight_removed.T).T, z)
 
-    def solve(self, ridge: float) -> tuple[torch.Tensor | None, torch.Tensor, str]:
+    def solve(self, ridge: float, decades: int = 2) -> tuple[torch.Tensor | None, torch.Tensor, str]:
         """(change of the kept columns or None, bias to add, what was chosen). Without held-out windows: the
-        `lstsq` fit at `ridge`. With them, `ridge` x 10^k (k = -2..2) and the bias alone (A = 0) are each fitted on
-        the other windows and scored by the error they leave on the held-out ones; the winner is refitted on all."""
+        `lstsq` fit at `ridge`. With them, `ridge` x 10^k (k = -decades..decades) and the bias alone (A = 0) are
+        each fitted on the other windows and scored by the error they leave on the held-out ones; the winner is
+        refitted on all."""
         best = f"ridge {ridge:g}" if self.mode == "lstsq" else "bias"
         if self.held_out is not None and self.mode == "lstsq":
-            best = self._choose(ridge)
+            best = self._choose(ridge, decades)
         self._merge_held_out()
         if best == "bias":
             return None, self._bias(self.fit), best
         return *self._split(self._lstsq(self.fit, float(best.split()[1]))), best
 
-    def _choose(self, ridge: float) -> str:
+    def _choose(self, ridge: float, decades: int) -> str:
         """The fit (ridge x 10^k, or the bias alone) that leaves the least error on the held-out windows. One
         candidate exists at a time: the moments of a wide MLP projection are tens of MB each."""
         gram, cross = self.held_out.gram, self.held_out.cross  # token sums: the 1/tokens scale moves no argmin
         errors = {}
-        for name in [f"ridge {ridge * 10.0 ** k:g}" for k in range(-2, 3)] + ["bias"]:
+        for name in [f"ridge {ridge * 10.0 ** k:g}" for k in range(-decades, decades + 1)] + ["bias"]:
             if name == "bias":
                 solution = torch.zeros_like(cross)
                 solution[:, -1] = self._bias(self.fit)
@@ -155,12 +156,14 @@ def compensate(
     mode: str,
     ridge: float = 1e-2,
     holdout: float = 0.0,
+    decades: int = 2,
     progress: bool = False,
 ) -> dict[str, int]:
     """Fold the removed groups' contribution into the kept columns and/or a bias of every pruned layer, in place
     (module docstring), layer by layer over the calibration `batches`. With `holdout` > 0 that share of the
-    windows (the last ones; at least one, and at least one left to fit on) chooses each projection's ridge, or the
-    bias alone (`ProjectionMoments.solve`). Returns how often each fit was chosen."""
+    windows (the last ones; at least one, and at least one left to fit on) chooses each projection's ridge within
+    `decades` powers of ten of `ridge`, or the bias alone (`ProjectionMoments.solve`). Returns how often each fit
+    was chosen."""
     chosen: dict[str, int] = {}
     if mode == "none" or not plan.layers:
         return chosen
@@ -172,13 +175,15 @@ def compensate(
         layer, keep = layers[index], plan.layers.get(index, {})
         specs = [s for s in adapter.group_specs(layer) if s.kind in keep and len(keep[s.kind]) < s.count]
         with editable(layer) if specs else resident(layer):
-            for choice in _compensate_layer(layer, specs, keep, calls[index], hidden, mode, ridge, held_out):
+            for choice in _compensate_layer(layer, specs, keep, calls[index], hidden, mode, ridge, held_out,
+                                            decades):
                 chosen[choice] = chosen.get(choice, 0) + 1
     return chosen
 
 
 def _compensate_layer(layer: nn.Module, specs: list[GroupSpec], keep: dict[str, list[int]], calls: list,
-                      hidden: list[torch.Tensor], mode: str, ridge: float, held_out: int) -> list[str]:
+                      hidden: list[torch.Tensor], mode: str, ridge: float, held_out: int,
+                      decades: int) -> list[str]:
     """One layer: each output projection, in forward order, fitted on the inputs the pruned model gives it; then
     the hidden states are advanced to the pruned layer's output in place. The last `held_out` windows choose the
     ridge; returns each projection's choice."""
@@ -197,7 +202,7 @@ def _compensate_layer(layer: nn.Module, specs: list[GroupSpec], keep: dict[str, 
             with _masked_inputs(layer, specs, masks, seen):
                 _run_until(layer, call, hidden[sample].to(device), linear)
             moments.add(seen[s.gate_module], held_out=sample >= len(calls) - held_out)
-        delta, bias, choice = moments.solve(ridge)
+        delta, bias, choice = moments.solve(ridge, decades)
         choices.append(choice)
         if delta is not None:
             kept = columns[s.gate_module][0].to(linear.weight.device)

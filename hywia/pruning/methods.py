@@ -24,16 +24,19 @@ class GlobalAllocation:
 @dataclass(frozen=True)
 class LeastSquares:
     ridge: float = 1e-2  # added to the Gram matrix's diagonal, in units of its mean diagonal
-    # share of the calibration windows held out to choose each projection's fit among ridge x 10^-2..10^2 and the
+    # share of the calibration windows held out to choose each projection's fit among ridge x 10^-D..10^D and the
     # bias alone (0: the fixed ridge, fitted on every window). 0.25 by default: the fixed ridge overfits the
     # calibration text, the held-out choice was better on every foreign text (BENCHMARKS.md, cross-domain)
     holdout: float = 0.25
+    decades: int = 2  # D above: how far either side of `ridge` the held-out choice looks
 
     def __post_init__(self) -> None:
         if self.ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {self.ridge}")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"holdout must lie in [0, 1), got {self.holdout}")
+        if self.decades < 0:
+            raise ValueError(f"decades must be >= 0, got {self.decades}")
 
 
 ALLOCATIONS: dict[str, type] = {"uniform": NoSettings, "log": NoSettings, "global": GlobalAllocation,
@@ -48,5 +51,5 @@ def parse_allocation(spec: str) -> tuple[str, NoSettings | GlobalAllocation | Pr
 
 
 def parse_compensation(spec: str) -> tuple[str, NoSettings | LeastSquares]:
-    """`none`, `bias` or `lstsq[:ridge=R][:holdout=H]`."""
+    """`none`, `bias` or `lstsq[:ridge=R][:holdout=H][:decades=D]`."""
     return parse_spec(spec, COMPENSATIONS, "compensation")

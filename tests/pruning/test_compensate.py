@@ -150,6 +150,17 @@ def test_held_out_windows_choose_the_fit_that_generalises(samples, noise, expect
     torch.testing.assert_close(bias, reference[1])
 
 
+@pytest.mark.parametrize("decades, expected", [(0, "ridge 0.01"), (2, "ridge 0.0001"), (4, "ridge 1e-06")])
+def test_decades_bound_the_ridges_the_held_out_windows_try(decades, expected):
+    """Plenty of clean tokens favour the least regularised fit, so the choice lands on the grid's lower edge,
+    `decades` powers of ten below the base ridge."""
+    x, weight = _regression(2000, 1e-4, seed=0)
+    moments = ProjectionMoments(weight, torch.arange(30), torch.arange(30, 40), "lstsq", validated=True)
+    moments.add(x[:1500])
+    moments.add(x[1500:], held_out=True)
+    assert moments.solve(ridge=1e-2, decades=decades)[2] == expected
+
+
 def test_holdout_compensation_reports_its_choices(tiny_model_factory):
     dense = tiny_model_factory("llama")
     ids = torch.randint(0, 300, (8, 24), generator=torch.Generator().manual_seed(2))
