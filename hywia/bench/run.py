@@ -188,11 +188,14 @@ def run(
     record["dense"] = evaluate(model, tokenizer, **measure)
     _dump(json_path, record)
 
-    say("dense model: calibration, and fine- vs coarse-grained rank agreement")
+    say("dense model: calibration, and fine- vs coarse-grained rank agreement where a run reads gradients")
     reference = _prepare(pipelines, model, tokenizer, calibration, seed, progress, ratios[0], common, "taylor-vector")
     record["calibration_passes"] = [_calibrate(pipelines[key], [r for _, _, r in runs], key)
                                     for key in pipelines]
-    record["granularity_agreement"] = {"per_layer": granularity_agreement(pipelines[_key(reference.config)])}
+    agreement_from = pipelines[_key(reference.config)]
+    record["granularity_agreement"] = (
+        {"per_layer": granularity_agreement(agreement_from)} if agreement_from.stats and agreement_from.stats.taylor
+        else {"per_layer": [], "skipped": "no run reads gradients, so the calibration pass took none"})
     _dump(json_path, record)
 
     for ratio, variant, prepared in runs:
@@ -249,9 +252,11 @@ def _prepare(pipelines: dict, model: nn.Module, tokenizer, calibration: Calibrat
 
 
 def _calibrate(pipeline: Pipeline, runs: list[PreparedRun], key: tuple) -> dict:
-    """One calibration pass for every run of this pipeline (gradients always: the agreement reads them)."""
+    """One calibration pass for every run of this pipeline, with gradients only where a run reads them: for
+    forward-only criteria (FLAP, Wanda-sp) the backward pass would cost several times their whole prune, and the
+    rank agreement it would feed is not theirs."""
     pipeline.log = StageLog()
-    pipeline.calibrate([r for r in runs if _key(r.config) == key], gradients=True)
+    pipeline.calibrate([r for r in runs if _key(r.config) == key])
     return {"attention": key[0], "layers": key[1], "samples": len(pipeline.windows()),
             **pipeline.log.to_dict()["calibrate"]}
 

@@ -70,6 +70,22 @@ def test_bench_writes_table_json_and_plots(tiny_model_factory, tiny_tokenizer, t
     assert text.count(BEGIN) == 1 and text.count(END) == 1
 
 
+def test_forward_only_benches_take_no_gradients(tiny_model_factory, tiny_tokenizer, text_file, tmp_path):
+    """FLAP and Wanda-sp read activations only: their bench's calibration pass has no backward, and the rank
+    agreement that would need one is marked skipped, not computed."""
+    model = tiny_model_factory("llama", layers=4)
+    model.config.max_position_embeddings = 4096
+    record = hywia.bench.run(
+        model, tiny_tokenizer, ratios=[0.2], criteria="flap,wanda-sp", tasks="none", ppl_texts=[str(text_file)],
+        ppl_tokens=256, seq_len=32, calib=text_file, calib_samples=4, prune_kwargs={"layers": "0:4"},
+        out_dir=tmp_path / "out", progress=False,
+    )
+    assert record["granularity_agreement"] == {"per_layer": [],
+                                               "skipped": "no run reads gradients, so the calibration pass took none"}
+    assert not (tmp_path / "out" / "agreement.png").exists()
+    assert all(run["report"]["ratio_achieved"] > 0 for run in record["runs"])
+
+
 def test_alpha_plot_shows_learned_blends_only(tmp_path):
     from hywia.bench.plots import plot_alpha
 
