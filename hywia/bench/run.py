@@ -113,6 +113,9 @@ def peak_memory() -> Iterator[dict]:
         record["scope"] = scope if peak is not None else "process"
 
 
+NO_AGREEMENT = "no run with the common settings reads gradients, so their calibration pass took none"
+
+
 def granularity_agreement(pipeline: Pipeline) -> list[dict]:
     """Per pruned layer and kind, Spearman correlation of the fine-grained (taylor-element1/2) with the
     coarse-grained (taylor-vector) scores on the dense model, from the pipeline's calibration pass: low values mean
@@ -195,7 +198,7 @@ def run(
     agreement_from = pipelines[_key(reference.config)]
     record["granularity_agreement"] = (
         {"per_layer": granularity_agreement(agreement_from)} if agreement_from.stats and agreement_from.stats.taylor
-        else {"per_layer": [], "skipped": "no run reads gradients, so the calibration pass took none"})
+        else {"per_layer": [], "skipped": NO_AGREEMENT})
     _dump(json_path, record)
 
     for ratio, variant, prepared in runs:

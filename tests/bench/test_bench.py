@@ -12,7 +12,7 @@ import torch
 import hywia.bench
 from conftest import TINY_TEXT
 from hywia.bench.report import BEGIN, END, write_markdown
-from hywia.bench.run import check_options, parse_variant, peak_memory
+from hywia.bench.run import NO_AGREEMENT, check_options, parse_variant, peak_memory
 from hywia.cli import _command_line, build_parser, main
 from hywia.errors import InvalidRequestError
 
@@ -80,8 +80,7 @@ def test_forward_only_benches_take_no_gradients(tiny_model_factory, tiny_tokeniz
         ppl_tokens=256, seq_len=32, calib=text_file, calib_samples=4, prune_kwargs={"layers": "0:4"},
         out_dir=tmp_path / "out", progress=False,
     )
-    assert record["granularity_agreement"] == {"per_layer": [],
-                                               "skipped": "no run reads gradients, so the calibration pass took none"}
+    assert record["granularity_agreement"] == {"per_layer": [], "skipped": NO_AGREEMENT}
     assert not (tmp_path / "out" / "agreement.png").exists()
     assert all(run["report"]["ratio_achieved"] > 0 for run in record["runs"])
 
