@@ -29,7 +29,8 @@ SECTIONS = [
      "benchmarks/results/crossdomain-bench/wiki-windows-128.json "
      "benchmarks/results/crossdomain-bench/wiki-margin-16.json "
      "benchmarks/results/crossdomain-bench/wiki-pool-geometric.json "
-     "benchmarks/results/crossdomain-bench/wiki-decades.json"),
+     "benchmarks/results/crossdomain-bench/wiki-decades.json "
+     "benchmarks/results/crossdomain-bench/wiki-flap1024-5.json"),
     ("Cross-domain: Gemma-3-270M under the default calibration", "crossdomain-gemma.md",
      "python benchmarks/crossdomain_summary.py --name crossdomain-gemma "
      "benchmarks/results/crossdomain-bench/gemma-mix.json benchmarks/results/crossdomain-bench/gemma-steps0.json "
