@@ -141,7 +141,8 @@ def test_a_saved_recipe_reruns_to_the_same_bytes(dense_folder, calib_file, tmp_p
     _recipe_prune(dense_folder, calib_file, first)
     recipe = json.loads((first / "recipe.json").read_text())
     assert recipe["prune"]["criterion"].startswith("hywia:steps=4:batch_size=4:lr=0.05")  # every setting written out
-    assert recipe["prune"]["compensate"] == "lstsq:ridge=0.01:holdout=0.25:decades=2" and recipe["model"] == str(dense_folder)
+    assert recipe["prune"]["compensate"] == "lstsq:ridge=0.01:holdout=0.25:decades=2"
+    assert recipe["model"] == str(dense_folder)
     assert main(["prune", "--recipe", str(first / "recipe.json"), "--out", str(tmp_path / "again")]) == 0
     assert _same_bytes(first, tmp_path / "again")
     # a flag overrides the recipe; a report.json is a recipe too
