@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .calibration import STORES
-from .data.text import CALIBRATION_SOURCES, check_text_request
+from .data.text import check_text_request, is_builtin_calibration
 from .errors import InvalidRequestError
 from .eval.perplexity import heldout_windows, perplexity
 from .importance.collect import PATHS
@@ -139,7 +139,7 @@ def prune_inputs(recipe: Recipe) -> dict[str, Path | None]:
     """The paths a prune reads, which its output must leave alone."""
     calib, offload_folder = recipe.calibration.calib, recipe.runtime.offload_folder
     return {"--model": local_path(recipe.model),
-            "--calib": Path(calib) if calib and calib not in CALIBRATION_SOURCES else None,
+            "--calib": Path(calib) if calib and not is_builtin_calibration(calib) else None,
             "--offload-folder": Path(offload_folder) if offload_folder else None,
             "--ppl-text": local_path(recipe.eval.ppl_text)}
 

@@ -154,7 +154,8 @@ def _add_bench_parser(commands) -> None:
     p.add_argument("--prune-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra hywia.prune argument for every run (repeatable), e.g. allocation=global")
     p.add_argument("--calib", default=DEFAULT_CALIBRATION,
-                   help="built-in source (mix, lambada, wiki) or a UTF-8 .txt, .jsonl (field 'text') or .json file "
+                   help="built-in source (mix, lambada, wiki; self: the model's own samples) or a UTF-8 .txt, .jsonl "
+                        "(field 'text') or .json file "
                         f"[{DEFAULT_CALIBRATION}]")
     p.add_argument("--calib-samples", type=int, default=64)
     _add_measure_flags(p, CROSS_DOMAIN_TEXTS, DEFAULT_LIMIT)

@@ -17,6 +17,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from .data.generated import (GENERATED_CALIBRATION, PREFIX_SOURCE, PREFIX_TOKENS, generated_windows,
+                             prefix_windows_needed)
 from .data.text import calibration_description, calibration_source, calibration_windows, check_seq_len_fits
 from .errors import InvalidRequestError
 from .importance import Criterion, ScoringContext, Statistics, collect_statistics, get_criterion
@@ -104,11 +106,25 @@ class Pipeline:
     def windows(self) -> torch.Tensor:
         """The calibration windows (built once; the same for statistics, fusion and compensation)."""
         if self._windows is None:
-            calib = self.calibration.calib
-            _, passages = calibration_source(calib)
-            self._windows = calibration_windows(self.tokenizer, passages, self.calibration.calib_samples,
-                                                self.calibration.seq_len, self.runtime.seed)
+            calib, samples = self.calibration.calib, self.calibration.calib_samples
+            if calib == GENERATED_CALIBRATION:  # prefixes from the mix source, continued by the model
+                _, passages = calibration_source(PREFIX_SOURCE)
+                prefixes = calibration_windows(self.tokenizer, passages, prefix_windows_needed(samples),
+                                               self.calibration.seq_len, self.runtime.seed)[:, :PREFIX_TOKENS]
+                self._windows = generated_windows(self.model, self.tokenizer, prefixes, samples,
+                                                  self.calibration.seq_len, self.runtime.seed, self.progress)
+            else:
+                _, passages = calibration_source(calib)
+                self._windows = calibration_windows(self.tokenizer, passages, samples, self.calibration.seq_len,
+                                                    self.runtime.seed)
         return self._windows
+
+    def share_windows(self, other: Pipeline) -> None:
+        """Read `other`'s calibration windows (the same model and calibration settings): a bench's pipelines would
+        build the same ones, and `--calib self` writes them with the model, at a cost."""
+        if (other.model, other.calibration, other.runtime.seed) != (self.model, self.calibration, self.runtime.seed):
+            raise ValueError("only a pipeline over the same model, calibration and seed can share its windows")
+        self._windows = other.windows()
 
     def prepare(self, config: PruneConfig) -> PreparedRun:
         """Resolve and check a config against this model before any expensive work."""

@@ -144,8 +144,8 @@ class PruneConfig:
 class CalibrationConfig:
     """The calibration windows every stage reads (statistics, the fusion, compensation)."""
 
-    calib: str | None = _setting(DEFAULT_CALIBRATION, "built-in source (mix, lambada, wiki) or a UTF-8 .txt, .jsonl (field "
-                                           "'text') or .json file")
+    calib: str | None = _setting(DEFAULT_CALIBRATION, "built-in source (mix, lambada, wiki; self: the model's own "
+                                                      "samples) or a UTF-8 .txt, .jsonl (field 'text') or .json file")
     calib_samples: int = _setting(64, "calibration windows")
     seq_len: int = _setting(128, "tokens per window (calibration and perplexity)")
 

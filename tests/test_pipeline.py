@@ -116,3 +116,19 @@ def test_a_profile_search_moves_the_global_profile_at_the_same_share(tiny_model_
     assert all(len(kept) % 8 == 0 for kinds in found.plan.layers.values() for kind, kept in kinds.items()
                if kind == "mlp")
     assert "profile_search" not in global_record
+
+
+def test_self_calibration_continues_the_mix_sources_windows(tiny_model_factory, tiny_tokenizer):
+    from hywia.data.generated import GENERATED_DESCRIPTION, PREFIX_TOKENS
+    from hywia.data.text import calibration_source, calibration_windows
+
+    result = prune(tiny_model_factory("llama"), tokenizer=tiny_tokenizer, ratio=0.3, calib="self", calib_samples=3,
+                   seq_len=24, ppl_text=None, progress=False, layers="0:4", criterion="magnitude")
+    assert result.report["calibration"]["text"] == GENERATED_DESCRIPTION
+    pipeline = Pipeline(tiny_model_factory("llama"), tiny_tokenizer, layers="0:4", progress=False,
+                        calibration=CalibrationConfig(calib="self", calib_samples=3, seq_len=24))
+    windows = pipeline.windows()
+    mix = calibration_windows(tiny_tokenizer, calibration_source("mix")[1], 4, 24, 0)
+    assert windows.shape == (3, 24)
+    assert all(window[:PREFIX_TOKENS].tolist() in mix[:, :PREFIX_TOKENS].tolist() for window in windows)
+    assert not torch.equal(windows, mix[:3])  # the rest is the model's own

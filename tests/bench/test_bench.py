@@ -85,6 +85,25 @@ def test_forward_only_benches_take_no_gradients(tiny_model_factory, tiny_tokeniz
     assert all(run["report"]["ratio_achieved"] > 0 for run in record["runs"])
 
 
+def test_the_benchs_pipelines_build_the_calibration_windows_once(tiny_model_factory, tiny_tokenizer, text_file,
+                                                                  tmp_path, monkeypatch):
+    """Runs with other attention modes calibrate in passes of their own, on the windows of the first pass: built
+    once (`--calib self` samples them from the model)."""
+    import hywia.pipeline
+
+    built = []
+    build = hywia.pipeline.calibration_windows
+    monkeypatch.setattr(hywia.pipeline, "calibration_windows", lambda *a, **k: built.append(1) or build(*a, **k))
+    model = tiny_model_factory("llama", layers=4)
+    model.config.max_position_embeddings = 4096
+    record = hywia.bench.run(
+        model, tiny_tokenizer, ratios=[0.2], criteria="flap,flap@attention=none", tasks="none",
+        ppl_texts=[str(text_file)], ppl_tokens=256, seq_len=32, calib=text_file, calib_samples=4,
+        prune_kwargs={"layers": "0:4"}, out_dir=tmp_path / "out", progress=False,
+    )
+    assert len(record["calibration_passes"]) == 2 and len(built) == 1
+
+
 def test_alpha_plot_shows_learned_blends_only(tmp_path):
     from hywia.bench.plots import plot_alpha
 

@@ -50,10 +50,10 @@ def test_dialogue_is_mostly_latin_conversations_with_both_roles():
     assert all(sum(ch.isascii() for ch in c) >= 0.95 * len(c) for c in conversations)
 
 
-def test_default_calibration_source_is_mix_old_recipes_keep_lambada_and_files_still_work(tmp_path):
+def test_default_calibration_source_is_the_models_own_old_recipes_keep_lambada_and_files_still_work(tmp_path):
     from hywia.settings import CalibrationConfig
 
-    assert CalibrationConfig().calib == "mix"
+    assert CalibrationConfig().calib == "self"
     assert calibration_source(None) == calibration_source("lambada")  # a recipe written before mix was the default
     text = tmp_path / "calib.txt"
     text.write_text("first passage\n\nsecond passage\n")

@@ -111,6 +111,8 @@ def test_text_request_reads_both_files_and_skips_ppl_checks_without_a_text(tmp_p
     bad.write_bytes(b"\xfe\xff")
     check_text_request(good, 4, 32, str(good), 64)
     check_text_request(None, 4, 32, None, 0)  # no perplexity text: --ppl-tokens is unused
+    for builtin in ("mix", "self"):  # built-in sources are never read as files of that name
+        check_text_request(builtin, 4, 32, None, 0)
     with pytest.raises(CalibrationError, match="bad.txt: not UTF-8"):
         check_text_request(bad, 4, 32, None, 64)
     with pytest.raises(CalibrationError, match="bad.txt: not UTF-8"):

@@ -1,0 +1,66 @@
+"""Calibration windows the dense model writes itself (`--calib self`).
+
+Ji et al., "Beware of Calibration Data for Pruning Large Language Models" (ICLR 2025), found that pruning keeps more
+of a model calibrated on text close to its training data, and that when that data is out of reach the model's own
+samples are such text. Here each window starts from the first `PREFIX_TOKENS` tokens of a window of the shipped
+`mix` text and goes on with tokens sampled from the model at temperature 1 (no top-k or top-p). A quarter more
+windows than asked are written; as in the paper, the ones the model itself finds least likely (highest perplexity)
+are dropped. The sampling draws from its own seeded generator state, so the same seed gives the same windows and
+the caller's random state is left as it was.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+GENERATED_CALIBRATION = "self"
+PREFIX_SOURCE = "mix"  # the shipped text whose windows' first tokens start the samples
+GENERATED_DESCRIPTION = ("the model's own samples, each continuing a short prefix of the mix source at temperature 1, "
+                         "the least likely fifth dropped (Ji et al., ICLR 2025)")
+PREFIX_TOKENS = 8
+DROPPED_SHARE = 0.2
+GENERATION_BATCH = 16
+
+
+def prefix_windows_needed(n_samples: int) -> int:
+    """How many windows to write for `n_samples` kept once the least likely `DROPPED_SHARE` is dropped."""
+    return math.ceil(n_samples / (1 - DROPPED_SHARE))
+
+
+def generated_windows(model: nn.Module, tokenizer, prefixes: torch.Tensor, n_samples: int, seq_len: int, seed: int,
+                      progress: bool = False) -> torch.Tensor:
+    """`n_samples` windows [n_samples, seq_len] sampled from `model`, each continuing a row of `prefixes`
+    [>= n_samples, PREFIX_TOKENS]; of all rows written, the `n_samples` with the lowest perplexity are kept, in
+    the order written."""
+    device = next(model.parameters()).device
+    devices = [device] if device.type == "cuda" else []
+    written = []
+    new = seq_len - prefixes.shape[1]
+    # Every sampling setting spelled out, so that a model's own generation defaults (top-k, repetition penalty)
+    # do not change what is sampled.
+    sampling = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new,
+                                min_new_tokens=new, pad_token_id=tokenizer.eos_token_id or 0)
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        for start in tqdm(range(0, prefixes.shape[0], GENERATION_BATCH), desc="writing calibration",
+                          disable=not progress, leave=False):
+            prefix = prefixes[start:start + GENERATION_BATCH].to(device)
+            out = model.generate(prefix, attention_mask=torch.ones_like(prefix), generation_config=sampling)
+            written.append(out.cpu())
+    windows = torch.cat(written)
+    nll = torch.tensor([_mean_nll(model, row[None].to(device)) for row in windows])
+    kept = nll.argsort()[:n_samples].sort().values
+    return windows[kept]
+
+
+def _mean_nll(model: nn.Module, ids: torch.Tensor) -> float:
+    """The model's mean next-token NLL over one window."""
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+    return float(F.cross_entropy(logits, ids[0, 1:]))
