@@ -11,7 +11,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 SECTIONS = [
     ("Cross-domain quality: calibrate on one source, judge on other genres", "crossdomain.md", None),
-    ("Cross-domain: every run under the default calibration, ranked", "crossdomain-mix.md",
+    ("Cross-domain: the model's own samples (`self`), the default calibration since the nineteenth session",
+     "crossdomain-self.md",
+     "python benchmarks/crossdomain_summary.py --name crossdomain-self benchmarks/results/crossdomain-bench/self*.json"),
+    ("Cross-domain: every run under `mix` (the default calibration of the second to eighteenth sessions), ranked",
+     "crossdomain-mix.md",
      "python benchmarks/crossdomain_summary.py --name crossdomain-mix benchmarks/results/crossdomain-bench/mix*.json"),
     ("Cross-domain: the second calibration source (wiki) under the current defaults", "crossdomain-wiki-obs.md",
      "python benchmarks/crossdomain_summary.py --name crossdomain-wiki-obs "
@@ -31,14 +35,16 @@ SECTIONS = [
      "benchmarks/results/crossdomain-bench/wiki-pool-geometric.json "
      "benchmarks/results/crossdomain-bench/wiki-decades.json "
      "benchmarks/results/crossdomain-bench/wiki-flap1024-5.json"),
-    ("Cross-domain: Gemma-3-270M under the default calibration", "crossdomain-gemma.md",
+    ("Cross-domain: Gemma-3-270M under `mix`", "crossdomain-gemma.md",
      "python benchmarks/crossdomain_summary.py --name crossdomain-gemma "
      "benchmarks/results/crossdomain-bench/gemma-mix.json benchmarks/results/crossdomain-bench/gemma-steps0.json "
      "benchmarks/results/crossdomain-bench/gemma-views.json"),
     (None, "zeroshot-section.md", None),  # benchmarks/zeroshot_summary.py's table with the runs behind it
-    ("Cost of a whole prune against the FLAP recipe", "prune-cost-9.md",
-     "python benchmarks/prune_cost.py --ratio 0.2 --repeats 1 --recipe 'hywia-default=' --recipe 'flap=--criterion "
-     "flap --allocation global:attention_weight=1 --compensate bias' --reference flap --name prune-cost-9"),
+    ("Cost of a whole prune against the FLAP recipe", "prune-cost-19.md",
+     "python benchmarks/prune_cost.py --ratio 0.2 --repeats 1 --name prune-cost-19 --recipe 'hywia-default=' "
+     "--recipe 'flap=--criterion flap --allocation global:attention_weight=1 --compensate bias' "
+     "--recipe 'hywia-mix=--calib mix' "
+     "--recipe 'flap-mix=--criterion flap --allocation global:attention_weight=1 --compensate bias --calib mix'"),
     ("Quality: criterion x allocation x compensation (no recovery tuning)", "ablation.md",
      "python benchmarks/ablation.py --ratios 0.2,0.5 --calib-samples 64 --eval-tokens 4096"),
     ("Variants tried on the way to the defaults", "variants.md", None),

@@ -6,7 +6,8 @@ samples are such text. Here each window starts from the first `PREFIX_TOKENS` to
 `mix` text and goes on with tokens sampled from the model at temperature 1 (no top-k or top-p). A quarter more
 windows than asked are written; as in the paper, the ones the model itself finds least likely (highest perplexity)
 are dropped. The sampling draws from its own seeded generator state, so the same seed gives the same windows and
-the caller's random state is left as it was.
+the caller's random state is left as it was. The samples follow the model's numerics: on another device or dtype the
+same seed may draw other tokens, so a recipe replayed there calibrates on windows of the same kind, not the same ones.
 """
 
 from __future__ import annotations
