@@ -24,6 +24,7 @@ from .errors import InvalidRequestError
 from .importance import Criterion, ScoringContext, Statistics, collect_statistics, get_criterion
 from .importance.obs import projection_grams
 from .measure import StageLog, count_params
+from .offload import execution_device
 from .models import ATTENTION_MODES, Adapter, LayerKind, adapter_for
 from .pruning import (PruningPlan, allocate_global, allocate_uniform, apply_plan, check_plan_request, parse_layers,
                       select)
@@ -112,7 +113,8 @@ class Pipeline:
                 prefixes = calibration_windows(self.tokenizer, passages, prefix_windows_needed(samples),
                                                self.calibration.seq_len, self.runtime.seed)[:, :PREFIX_TOKENS]
                 self._windows = generated_windows(self.model, self.tokenizer, prefixes, samples,
-                                                  self.calibration.seq_len, self.runtime.seed, self.progress)
+                                                  self.calibration.seq_len, self.runtime.seed, self.progress,
+                                                  execution_device(self.model))
             else:
                 _, passages = calibration_source(calib)
                 self._windows = calibration_windows(self.tokenizer, passages, samples, self.calibration.seq_len,

@@ -111,3 +111,18 @@ def test_cli_plain_in_memory_and_layerwise_from_a_device_map_agree(tiny_tokenize
     assert plans[0] == plans[1]
     report = json.loads((tmp_path / "mapped" / "report.json").read_text())
     assert report["importance_path"] == "layerwise" and report["placement"]["device_map"] == placement
+
+
+def test_an_offloaded_model_samples_the_same_self_calibration(tiny_tokenizer, tmp_path):
+    """`--calib self` samples through the streamed layers on their execution device: the same windows as in memory."""
+    from hywia.pipeline import Pipeline
+    from hywia.settings import CalibrationConfig
+
+    calibration = CalibrationConfig(calib="self", calib_samples=3, seq_len=24)
+    windows = []
+    for offload in (None, "disk"):
+        model = build_tiny_model("llama")
+        if offload:
+            model = place(model, offload=offload, device_map=None, device="cpu", folder=tmp_path)
+        windows.append(Pipeline(model, tiny_tokenizer, calibration=calibration, progress=False).windows())
+    torch.testing.assert_close(windows[1], windows[0], atol=0, rtol=0)

@@ -35,11 +35,12 @@ def prefix_windows_needed(n_samples: int) -> int:
 
 
 def generated_windows(model: nn.Module, tokenizer, prefixes: torch.Tensor, n_samples: int, seq_len: int, seed: int,
-                      progress: bool = False) -> torch.Tensor:
+                      progress: bool = False, device: torch.device | None = None) -> torch.Tensor:
     """`n_samples` windows [n_samples, seq_len] sampled from `model`, each continuing a row of `prefixes`
     [>= n_samples, PREFIX_TOKENS]; of all rows written, the `n_samples` with the lowest perplexity are kept, in
-    the order written."""
-    device = next(model.parameters()).device
+    the order written. `device`: where the model computes (an offloaded model's execution device; default: that of
+    its first parameter)."""
+    device = device or next(model.parameters()).device
     devices = [device] if device.type == "cuda" else []
     written = []
     new = seq_len - prefixes.shape[1]
