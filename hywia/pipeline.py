@@ -17,9 +17,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from .data.generated import (GENERATED_CALIBRATION, PREFIX_SOURCE, PREFIX_TOKENS, generated_windows,
-                             prefix_windows_needed)
-from .data.text import calibration_description, calibration_source, calibration_windows, check_seq_len_fits
+from .data.generated import self_calibration_windows
+from .data.text import (GENERATED_CALIBRATION, calibration_description, calibration_source, calibration_windows,
+                        check_seq_len_fits)
 from .errors import InvalidRequestError
 from .importance import Criterion, ScoringContext, Statistics, collect_statistics, get_criterion
 from .importance.obs import projection_grams
@@ -108,13 +108,10 @@ class Pipeline:
         """The calibration windows (built once; the same for statistics, fusion and compensation)."""
         if self._windows is None:
             calib, samples = self.calibration.calib, self.calibration.calib_samples
-            if calib == GENERATED_CALIBRATION:  # prefixes from the mix source, continued by the model
-                _, passages = calibration_source(PREFIX_SOURCE)
-                prefixes = calibration_windows(self.tokenizer, passages, prefix_windows_needed(samples),
-                                               self.calibration.seq_len, self.runtime.seed)[:, :PREFIX_TOKENS]
-                self._windows = generated_windows(self.model, self.tokenizer, prefixes, samples,
-                                                  self.calibration.seq_len, self.runtime.seed, self.progress,
-                                                  execution_device(self.model))
+            if calib == GENERATED_CALIBRATION:
+                self._windows = self_calibration_windows(self.model, self.tokenizer, samples,
+                                                         self.calibration.seq_len, self.runtime.seed, self.progress,
+                                                         execution_device(self.model))
             else:
                 _, passages = calibration_source(calib)
                 self._windows = calibration_windows(self.tokenizer, passages, samples, self.calibration.seq_len,

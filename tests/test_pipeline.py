@@ -119,8 +119,8 @@ def test_a_profile_search_moves_the_global_profile_at_the_same_share(tiny_model_
 
 
 def test_self_calibration_continues_the_mix_sources_windows(tiny_model_factory, tiny_tokenizer):
-    from hywia.data.generated import GENERATED_DESCRIPTION, PREFIX_TOKENS
-    from hywia.data.text import calibration_source, calibration_windows
+    from hywia.data.generated import PREFIX_TOKENS
+    from hywia.data.text import GENERATED_DESCRIPTION, calibration_source, calibration_windows
 
     result = prune(tiny_model_factory("llama"), tokenizer=tiny_tokenizer, ratio=0.3, calib="self", calib_samples=3,
                    seq_len=24, ppl_text=None, progress=False, layers="0:4", criterion="magnitude")

@@ -20,10 +20,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-GENERATED_CALIBRATION = "self"
+from .text import calibration_source, calibration_windows
+
 PREFIX_SOURCE = "mix"  # the shipped text whose windows' first tokens start the samples
-GENERATED_DESCRIPTION = ("the model's own samples, each continuing a short prefix of the mix source at temperature 1, "
-                         "the least likely fifth dropped (Ji et al., ICLR 2025)")
 PREFIX_TOKENS = 8
 DROPPED_SHARE = 0.2
 GENERATION_BATCH = 16
@@ -32,6 +31,16 @@ GENERATION_BATCH = 16
 def prefix_windows_needed(n_samples: int) -> int:
     """How many windows to write for `n_samples` kept once the least likely `DROPPED_SHARE` is dropped."""
     return math.ceil(n_samples / (1 - DROPPED_SHARE))
+
+
+def self_calibration_windows(model: nn.Module, tokenizer, n_samples: int, seq_len: int, seed: int,
+                             progress: bool = False, device: torch.device | None = None) -> torch.Tensor:
+    """The `self` source's `n_samples` windows: prefixes from `PREFIX_SOURCE`'s windows (drawn by `seed`),
+    continued by `model` (`generated_windows`)."""
+    _, passages = calibration_source(PREFIX_SOURCE)
+    prefixes = calibration_windows(tokenizer, passages, prefix_windows_needed(n_samples), seq_len, seed)
+    return generated_windows(model, tokenizer, prefixes[:, :PREFIX_TOKENS], n_samples, seq_len, seed, progress,
+                             device)
 
 
 def generated_windows(model: nn.Module, tokenizer, prefixes: torch.Tensor, n_samples: int, seq_len: int, seed: int,

