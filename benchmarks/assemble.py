@@ -76,7 +76,10 @@ def main() -> None:
              "Until the fourteenth session the global allocation ranked heads and channels alike "
              "(`attention_weight=1`); since then heads' scores count 16 times by default, so a section measured "
              "before it regenerates its numbers with `--allocation global:attention_weight=1` (bench entries: "
-             "`@allocation=...`).", ""]
+             "`@allocation=...`). Until the nineteenth session the default calibration was `mix` (before the second, "
+             "LAMBADA passages); since then it is `self`, the model's own samples. Sections measured before it name "
+             "their calibration, and their prune commands rebuild those models only with `--calib mix` (or "
+             "`--calib lambada`) added.", ""]
     for title, name, command in SECTIONS:
         fragment = ROOT / "results" / name
         text = fragment.read_text().strip() if fragment.is_file() else "_Not measured yet._"

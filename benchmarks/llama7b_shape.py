@@ -93,8 +93,10 @@ def run_prune(folder: Path, out: Path, args: argparse.Namespace) -> tuple[dict, 
     the kernel's peak mark, so the child's ru_maxrss is that last stretch's peak, not the whole command's."""
     command = [sys.executable, "-m", "hywia.cli", "prune", "--model", str(folder), "--out", str(out), "--force",
                "--ratio", str(args.ratio), "--dtype", "bfloat16", "--device", "cpu",
-               "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len),
+               "--calib", "mix", "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len),
                "--ppl-text", args.ppl_text, "--ppl-tokens", str(args.ppl_tokens)]
+    # The shipped text, not the default `self`: the weights are random, so their samples would be noise, and writing
+    # them streams every offloaded layer from disk once per generated token.
     if args.criterion:
         command += ["--criterion", args.criterion]
     if args.offload:
@@ -154,7 +156,7 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(args.out, ignore_errors=True)
             shutil.rmtree(args.folder, ignore_errors=True)
-    settings = (f"--dtype bfloat16 --calib-samples {args.calib_samples} --seq-len {args.seq_len} "
+    settings = (f"--dtype bfloat16 --calib mix --calib-samples {args.calib_samples} --seq-len {args.seq_len} "
                 f"--ppl-text {args.ppl_text} --ppl-tokens {args.ppl_tokens}" + (f" --criterion {args.criterion}" if args.criterion else "")
                 + (f" --offload {args.offload}" if args.offload else "")
                 + (f" --compensate {args.compensate}" if args.compensate else ""))

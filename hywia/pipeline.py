@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from .data.generated import self_calibration_windows
+from .data.generated import generation_steps, self_calibration_windows
 from .data.text import (GENERATED_CALIBRATION, calibration_description, calibration_source, calibration_windows,
                         check_seq_len_fits)
 from .errors import InvalidRequestError
 from .importance import Criterion, ScoringContext, Statistics, collect_statistics, get_criterion
 from .importance.obs import projection_grams
 from .measure import StageLog, count_params
-from .offload import execution_device
+from .offload import execution_device, is_offloaded
 from .models import ATTENTION_MODES, Adapter, LayerKind, adapter_for
 from .pruning import (PruningPlan, allocate_global, allocate_uniform, apply_plan, check_plan_request, parse_layers,
                       select)
@@ -109,6 +111,10 @@ class Pipeline:
         if self._windows is None:
             calib, samples = self.calibration.calib, self.calibration.calib_samples
             if calib == GENERATED_CALIBRATION:
+                if self.progress and is_offloaded(self.model):
+                    tqdm.write(f"hywia: note: --calib self writes its windows in "
+                               f"{generation_steps(samples, self.calibration.seq_len)} decoding steps, each streaming "
+                               "every offloaded layer; --calib mix (shipped text) skips them", file=sys.stderr)
                 self._windows = self_calibration_windows(self.model, self.tokenizer, samples,
                                                          self.calibration.seq_len, self.runtime.seed, self.progress,
                                                          execution_device(self.model))

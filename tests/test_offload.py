@@ -126,3 +126,23 @@ def test_an_offloaded_model_samples_the_same_self_calibration(tiny_tokenizer, tm
             model = place(model, offload=offload, device_map=None, device="cpu", folder=tmp_path)
         windows.append(Pipeline(model, tiny_tokenizer, calibration=calibration, progress=False).windows())
     torch.testing.assert_close(windows[1], windows[0], atol=0, rtol=0)
+
+
+def test_self_calibration_through_offloaded_layers_says_what_it_streams(tiny_tokenizer, tmp_path, capsys):
+    """Writing the `self` windows streams offloaded layers once per decoding step: the user is told how many steps
+    and what skips them; a model in memory gets no such note."""
+    from hywia.data.generated import generation_steps
+    from hywia.pipeline import Pipeline
+    from hywia.settings import CalibrationConfig
+
+    calibration = CalibrationConfig(calib="self", calib_samples=3, seq_len=24)
+    notes = []
+    for offload in (None, "disk"):
+        model = build_tiny_model("llama")
+        if offload:
+            model = place(model, offload=offload, device_map=None, device="cpu", folder=tmp_path)
+        Pipeline(model, tiny_tokenizer, calibration=calibration, progress=True).windows()
+        notes.append([line for line in capsys.readouterr().err.splitlines() if "note:" in line])
+    assert notes[0] == []
+    assert len(notes[1]) == 1 and f"in {generation_steps(3, 24)} decoding steps" in notes[1][0]
+    assert "--calib mix" in notes[1][0]

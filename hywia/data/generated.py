@@ -33,6 +33,12 @@ def prefix_windows_needed(n_samples: int) -> int:
     return math.ceil(n_samples / (1 - DROPPED_SHARE))
 
 
+def generation_steps(n_samples: int, seq_len: int) -> int:
+    """How many decoding steps writing `n_samples` kept windows of `seq_len` tokens takes: one per new token of
+    each batch. With offloaded layers each step streams them all once."""
+    return math.ceil(prefix_windows_needed(n_samples) / GENERATION_BATCH) * (seq_len - PREFIX_TOKENS)
+
+
 def self_calibration_windows(model: nn.Module, tokenizer, n_samples: int, seq_len: int, seed: int,
                              progress: bool = False, device: torch.device | None = None) -> torch.Tensor:
     """The `self` source's `n_samples` windows: prefixes from `PREFIX_SOURCE`'s windows (drawn by `seed`),
