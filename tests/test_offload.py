@@ -113,18 +113,22 @@ def test_cli_plain_in_memory_and_layerwise_from_a_device_map_agree(tiny_tokenize
     assert report["importance_path"] == "layerwise" and report["placement"]["device_map"] == placement
 
 
-def test_an_offloaded_model_samples_the_same_self_calibration(tiny_tokenizer, tmp_path):
-    """`--calib self` samples through the streamed layers on their execution device: the same windows as in memory."""
+def _self_calibration_pipelines(tokenizer, folder, progress: bool):
+    """A pipeline over the same tiny model in memory, then with its layers offloaded to disk, both on `--calib self`."""
     from hywia.pipeline import Pipeline
     from hywia.settings import CalibrationConfig
 
     calibration = CalibrationConfig(calib="self", calib_samples=3, seq_len=24)
-    windows = []
     for offload in (None, "disk"):
         model = build_tiny_model("llama")
         if offload:
-            model = place(model, offload=offload, device_map=None, device="cpu", folder=tmp_path)
-        windows.append(Pipeline(model, tiny_tokenizer, calibration=calibration, progress=False).windows())
+            model = place(model, offload=offload, device_map=None, device="cpu", folder=folder)
+        yield Pipeline(model, tokenizer, calibration=calibration, progress=progress)
+
+
+def test_an_offloaded_model_samples_the_same_self_calibration(tiny_tokenizer, tmp_path):
+    """`--calib self` samples through the streamed layers on their execution device: the same windows as in memory."""
+    windows = [pipeline.windows() for pipeline in _self_calibration_pipelines(tiny_tokenizer, tmp_path, False)]
     torch.testing.assert_close(windows[1], windows[0], atol=0, rtol=0)
 
 
@@ -132,16 +136,10 @@ def test_self_calibration_through_offloaded_layers_says_what_it_streams(tiny_tok
     """Writing the `self` windows streams offloaded layers once per decoding step: the user is told how many steps
     and what skips them; a model in memory gets no such note."""
     from hywia.data.generated import generation_steps
-    from hywia.pipeline import Pipeline
-    from hywia.settings import CalibrationConfig
 
-    calibration = CalibrationConfig(calib="self", calib_samples=3, seq_len=24)
     notes = []
-    for offload in (None, "disk"):
-        model = build_tiny_model("llama")
-        if offload:
-            model = place(model, offload=offload, device_map=None, device="cpu", folder=tmp_path)
-        Pipeline(model, tiny_tokenizer, calibration=calibration, progress=True).windows()
+    for pipeline in _self_calibration_pipelines(tiny_tokenizer, tmp_path, True):
+        pipeline.windows()
         notes.append([line for line in capsys.readouterr().err.splitlines() if "note:" in line])
     assert notes[0] == []
     assert len(notes[1]) == 1 and f"in {generation_steps(3, 24)} decoding steps" in notes[1][0]
