@@ -40,11 +40,9 @@ SECTIONS = [
      "benchmarks/results/crossdomain-bench/gemma-mix.json benchmarks/results/crossdomain-bench/gemma-steps0.json "
      "benchmarks/results/crossdomain-bench/gemma-views.json"),
     (None, "zeroshot-section.md", None),  # benchmarks/zeroshot_summary.py's table with the runs behind it
-    ("Cost of a whole prune against the FLAP recipe", "prune-cost-19.md",
-     "python benchmarks/prune_cost.py --ratio 0.2 --repeats 1 --name prune-cost-19 --recipe 'hywia-default=' "
-     "--recipe 'flap=--criterion flap --allocation global:attention_weight=1 --compensate bias' "
-     "--recipe 'hywia-mix=--calib mix' "
-     "--recipe 'flap-mix=--criterion flap --allocation global:attention_weight=1 --compensate bias --calib mix'"),
+    ("Cost of a whole prune against the FLAP recipe", "prune-cost-20.md",
+     "python benchmarks/prune_cost.py --ratio 0.2 --repeats 1 --name prune-cost-20 --recipe 'hywia-default=' "
+     "--recipe 'flap=--criterion flap --allocation global:attention_weight=1 --compensate bias'"),
     ("Quality: criterion x allocation x compensation (no recovery tuning)", "ablation.md",
      "python benchmarks/ablation.py --ratios 0.2,0.5 --calib-samples 64 --eval-tokens 4096"),
     ("Variants tried on the way to the defaults", "variants.md", None),

@@ -328,11 +328,21 @@ def test_crossfit_asks_the_calibration_pass_for_folds_only_when_it_learns():
 
 
 @pytest.mark.parametrize("option,windows", [("crossfit=true", 1), ("crossfit=true:validate=0.5", 3),
-                                            ("validate=0.25", 1)])
+                                            ("validate=0.25:margin=0", 1)])
 def test_fusion_refuses_too_few_windows_before_calibrating(option, windows):
     with pytest.raises(InvalidRequestError, match="calib-samples"):
         get_criterion(f"hywia:{option}").check_windows(windows)
     get_criterion(f"hywia:{option}").check_windows(8)
+
+
+@pytest.mark.parametrize("windows,held_out", [(1, 0), (4, 0), (5, 2), (64, 16)])
+def test_default_fusion_holds_out_a_quarter_where_the_margin_can_judge_it(windows, held_out):
+    """By default a quarter of the windows is held out to check the blend against each view; with fewer than two
+    held out the margin has no standard error, so nothing is held out and no window count is refused."""
+    fusion = get_criterion("hywia")
+    fusion.check_windows(windows)
+    fit, held = fusion._split(torch.arange(windows)[:, None])
+    assert held.shape[0] == held_out and fit.shape[0] == windows - held_out
 
 
 @pytest.mark.parametrize("option", ["views=fine+fine", "views=fine+nope", "views=", "views=fine:validate=1.0",
@@ -345,7 +355,7 @@ def test_fusion_settings_are_checked(option):
 
 def test_validated_fusion_returns_the_candidate_with_the_lowest_held_out_loss(tiny_model_factory):
     ctx = _context(tiny_model_factory("llama"))
-    fusion = HywiaFusion(steps=2, batch_size=2, validate=0.5)
+    fusion = HywiaFusion(steps=2, batch_size=2, validate=0.5, margin=0)
     scores = fusion.score(ctx)
     summary = fusion.summary()
     assert summary["held_out_windows"] == 2 and set(summary["held_out_loss"]) == {"learned", *VIEWS}

@@ -184,7 +184,7 @@ def test_holdout_needs_two_windows_and_is_reported(tiny_model_factory):
                     windows=torch.zeros(1, 16, dtype=torch.long), progress=False)
     with pytest.raises(InvalidRequestError, match="--calib-samples 2 or more"):
         lone.prepare(config)
-    validated = PruneConfig(ratio=0.2, layers="0:4", criterion="hywia:validate=0.5", compensate="bias")
+    validated = PruneConfig(ratio=0.2, layers="0:4", criterion="hywia:validate=0.5:margin=0", compensate="bias")
     with pytest.raises(InvalidRequestError, match="hywia:validate .* --calib-samples 2 or more"):
         lone.prepare(validated)
     pipeline = Pipeline(model, None, layers="0:4", calibration=CalibrationConfig(calib_samples=4, seq_len=16),
