@@ -2,7 +2,8 @@
 
 Both the layer-by-layer statistics (`hywia.importance.layerwise`) and compensation (`hywia.pruning.compensate`)
 replay a decoder layer on stored inputs; this is the one place that records them. `forward_replaced` lets the
-model's own forward skip layers whose output is already known (the statistics' head pass, the profile search).
+model's own forward skip layers whose output is already known, and `standing_aside` hands such an output to the
+layers above it (the statistics' head pass, the fusion's held-out check, the profile search).
 """
 
 from __future__ import annotations
@@ -111,9 +112,10 @@ def capture_layer_inputs(
 
 def replay_start(
     model: nn.Module, layers: list[nn.Module], low: int, high: int, batches: torch.Tensor
-) -> tuple[dict[int, list[LayerCall]], list[torch.Tensor]]:
-    """What a pass that replays layers low..high in order starts from: every call of those layers, and layer `low`'s
-    input for each window on the CPU (the pass advances the hidden states through the layers itself).
+) -> tuple[dict[int, list[LayerCall]], list[torch.Tensor], int]:
+    """What a pass that replays layers low..high in order starts from: every call of those layers, layer `low`'s
+    input for each window on the CPU (the pass advances the hidden states through the layers itself), and the arity
+    of a layer's output (`as_layer_output`, for a pass that hands its result back to the model's forward).
 
     Only the layers up to `low` compute: each layer above it records its call and hands layer `low`'s output on.
     A decoder layer's call (positions, masks, rotary tables) comes from the model's own forward, not from the
@@ -127,8 +129,8 @@ def replay_start(
     handle = layers[low].register_forward_hook(keep)
     try:
         with forward_replaced(layers[low + 1:high + 1], lambda *args, **kwargs: output["low"]):
-            calls, _ = capture_layer_inputs(model, layers, low, high, batches, acts, input_layers={low})
-        return calls, [acts.get(low, sample, torch.device("cpu")) for sample in range(len(batches))]
+            calls, arity = capture_layer_inputs(model, layers, low, high, batches, acts, input_layers={low})
+        return calls, [acts.get(low, sample, torch.device("cpu")) for sample in range(len(batches))], arity
     finally:
         handle.remove()
         acts.close()
@@ -137,6 +139,21 @@ def replay_start(
 def as_layer_output(hidden: torch.Tensor, arity: int):
     """What a decoder layer returns, from its hidden states: the tensor itself (arity 0) or a tuple of `arity`."""
     return hidden if arity == 0 else (hidden,) + (None,) * (arity - 1)
+
+
+@contextmanager
+def standing_aside(layers: list[nn.Module], last: int, handed_over: Callable[[], torch.Tensor],
+                   arity: int) -> Iterator[None]:
+    """The layers below `last` pass their input through and layer `last` returns `handed_over()`: the model's own
+    forward then runs the layers above `last` and the head on that output, with the positions, masks and rotary
+    tables it makes itself, at the cost of the embedding alone below it."""
+
+    def pass_through(*args, **kwargs):
+        return as_layer_output(args[0] if args else kwargs["hidden_states"], arity)
+
+    with forward_replaced(layers[:last], pass_through), \
+            forward_replaced([layers[last]], lambda *args, **kwargs: as_layer_output(handed_over(), arity)):
+        yield
 
 
 @contextmanager

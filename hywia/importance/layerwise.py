@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import ActivationStore, LayerCall, capture_layer_inputs
-from ..calibration.capture import as_layer_output, forward_replaced
+from ..calibration.capture import forward_replaced, standing_aside
 from ..errors import UnsupportedModelError
 from ..measure import release_freed_memory
 from ..models import Adapter, GroupSpec
@@ -106,18 +106,11 @@ def _top(
     tokens (`chunked_loss`), so the vocabulary-wide logits of a whole window never exist at once.
     """
     current: dict[str, torch.Tensor] = {}
-
-    def hand_over(*args, **kwargs):
-        return as_layer_output(current["hidden"], arity)
-
-    def pass_through(*args, **kwargs):
-        return as_layer_output(args[0] if args else kwargs["hidden_states"], arity)
-
     head = model.get_output_embeddings()
     device, handover_device = execution_device(model), execution_device(layers[high])
     _check_head(model, batches[0, :HEAD_CHECK_TOKENS][None].to(device))
     total_loss = 0.0
-    with forward_replaced(layers[:high], pass_through), forward_replaced([layers[high]], hand_over):
+    with standing_aside(layers, high, lambda: current["hidden"], arity):
         for sample, ids in enumerate(batches):
             ids = ids[None].to(device)
             hidden = acts.get(high + 1, sample, handover_device).requires_grad_()

@@ -102,7 +102,7 @@ def output_grams(ctx: ScoringContext) -> Iterator[tuple[LayerKind, torch.Tensor]
     exist at a time (all of SmolLM2's at once would be as large as its weights)."""
     layers = ctx.adapter.layers()
     low, high = min(ctx.layer_indices), max(ctx.layer_indices)
-    calls, hidden = replay_start(ctx.model, layers, low, high, ctx.batches)
+    calls, hidden, _ = replay_start(ctx.model, layers, low, high, ctx.batches)
     for index in tqdm(range(low, high + 1), desc="obs", disable=not ctx.progress, leave=False):
         layer = layers[index]
         specs = ctx.specs.get(index, []) if index in ctx.layer_indices else []

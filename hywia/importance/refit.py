@@ -10,7 +10,8 @@ compensation, which favours the views made for it and hides what the refit recov
 The layers are replayed in order. Each layer's Gram matrices come from the dense model's inputs on the fitting
 windows (the approximation the OBS view makes too; the compensation fits on the inputs of the model as pruned so
 far), and every candidate's held-out windows advance through the layer with its own removed inputs replaced. One
-layer's Gram matrices and one candidate's predictors exist at a time.
+layer's Gram matrices and one candidate's predictors exist at a time. The losses then come from the layers above the
+last pruned one and the head alone (`standing_aside`): the layers below have been replayed already.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import replay_start
+from ..calibration.capture import standing_aside
 from ..calibration.prediction import InputPrediction, input_prediction
 from ..offload import execution_device, resident
 from .base import LayerKind, ScoringContext
@@ -55,19 +57,19 @@ def _predicted_inputs(layer: nn.Module, predictions: dict[str, InputPrediction])
         yield
 
 
-def _loss_above(model: nn.Module, layer: nn.Module, ids: torch.Tensor, hidden: torch.Tensor) -> float:
-    """The LM loss of window `ids` when `layer` outputs `hidden`: the layers above it and the head run as usual."""
-
-    def replace(module, args, output):
-        if isinstance(output, tuple):
-            return (hidden.to(output[0].device, output[0].dtype),) + tuple(output[1:])
-        return hidden.to(output.device, output.dtype)
-
-    handle = layer.register_forward_hook(replace)
-    try:
-        return float(lm_loss(model, ids[None].to(execution_device(model))))
-    finally:
-        handle.remove()
+def _losses_above(model: nn.Module, layers: list[nn.Module], high: int, arity: int, held_out: torch.Tensor,
+                  hidden: list[torch.Tensor]) -> torch.Tensor:
+    """The LM loss of each window of `held_out` when layer `high` outputs its `hidden`: the layers up to `high`
+    stand aside in the model's own forward (the last hands `hidden` over), so only the layers above and the head
+    run, as the full forward would run them on that output."""
+    current: dict[str, torch.Tensor] = {}
+    device, handover_device = execution_device(model), execution_device(layers[high])
+    losses = []
+    with standing_aside(layers, high, lambda: current["hidden"], arity):
+        for ids, state in zip(held_out, hidden, strict=True):
+            current["hidden"] = state.to(handover_device)
+            losses.append(float(lm_loss(model, ids[None].to(device))))
+    return torch.tensor(losses, dtype=torch.float64)
 
 
 @torch.no_grad()
@@ -77,8 +79,8 @@ def refit_held_out_losses(ctx: ScoringContext, kept: dict[str, dict[LayerKind, l
     keeps), its removed inputs predicted by least squares fitted on the `fit` windows (module docstring)."""
     layers = ctx.adapter.layers()
     low, high = min(ctx.layer_indices), max(ctx.layer_indices)
-    fit_calls, fit_hidden = replay_start(ctx.model, layers, low, high, fit)
-    held_calls, held_hidden = replay_start(ctx.model, layers, low, high, held_out)
+    fit_calls, fit_hidden, _ = replay_start(ctx.model, layers, low, high, fit)
+    held_calls, held_hidden, arity = replay_start(ctx.model, layers, low, high, held_out)
     hidden = {name: list(held_hidden) for name in kept}
     for index in tqdm(range(low, high + 1), desc="validation", disable=not ctx.progress, leave=False):
         layer = layers[index]
@@ -99,6 +101,4 @@ def refit_held_out_losses(ctx: ScoringContext, kept: dict[str, dict[LayerKind, l
                 with _predicted_inputs(layer, predictions):
                     for sample, call in enumerate(held_calls[index]):
                         hidden[name][sample] = call.run(layer, hidden[name][sample].to(device)).cpu()
-    return {name: torch.tensor([_loss_above(ctx.model, layers[high], held_out[sample], state[sample])
-                                for sample in range(held_out.shape[0])], dtype=torch.float64)
-            for name, state in hidden.items()}
+    return {name: _losses_above(ctx.model, layers, high, arity, held_out, state) for name, state in hidden.items()}

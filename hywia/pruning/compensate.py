@@ -170,7 +170,7 @@ def compensate(
     held_out = min(max(math.ceil(holdout * len(batches)), 1), len(batches) - 1) if holdout > 0 else 0
     layers = adapter.layers()
     low, high = min(plan.layers), max(plan.layers)
-    calls, hidden = replay_start(model, layers, low, high, batches)
+    calls, hidden, _ = replay_start(model, layers, low, high, batches)
     for index in tqdm(range(low, high + 1), desc="compensation", disable=not progress, leave=False):
         layer, keep = layers[index], plan.layers.get(index, {})
         specs = [s for s in adapter.group_specs(layer) if s.kind in keep and len(keep[s.kind]) < s.count]

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.capture import as_layer_output, forward_replaced
+from ..calibration.capture import standing_aside
 from ..calibration.prediction import InputPrediction, input_prediction
 from ..models import Adapter, GroupSpec, LayerKind
 from ..offload import execution_device
@@ -213,8 +213,9 @@ class ProfileFitness:
                     hooks.enter_context(layers[layer].register_forward_pre_hook(
                         partial(_record, into=inputs, layer=layer), with_kwargs=True))
             hooks.enter_context(layers[0].register_forward_hook(self._note_arity))
-            hooks.enter_context(_standing_aside(layers, start, lambda: self._inputs[_key(self._base)][index][start],
-                                                self._arity))
+            if start is not None:  # the model's forward starts at layer `start`, from its input in the base
+                hooks.enter_context(standing_aside(layers, start - 1,
+                                                   lambda: self._inputs[_key(self._base)][index][start], self._arity))
             logits = self.model(input_ids=ids, use_cache=False).logits[0].float()
         return F.log_softmax(logits, -1)
 
@@ -234,22 +235,6 @@ def _key(profile: Profile) -> tuple:
 
 def _record(module: nn.Module, args: tuple, kwargs: dict, into: dict[int, torch.Tensor], layer: int) -> None:
     into[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-
-@contextmanager
-def _standing_aside(layers: list[nn.Module], start: int | None, handed_over, arity: int) -> Iterator[None]:
-    """With `start`, layers below it pass their input through and the one just below returns `handed_over()`
-    (the input layer `start` had in the base): the model's own forward then computes from layer `start` on."""
-    if start is None:
-        yield
-        return
-
-    def pass_through(*args, **kwargs):
-        return as_layer_output(args[0] if args else kwargs["hidden_states"], arity)
-
-    with forward_replaced(layers[:start - 1], pass_through), \
-            forward_replaced([layers[start - 1]], lambda *args, **kwargs: as_layer_output(handed_over(), arity)):
-        yield
 
 
 def _replacement(spec: GroupSpec, kept: list[int], gram: torch.Tensor | None, compensation: str,

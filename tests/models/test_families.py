@@ -228,16 +228,38 @@ def test_llama_cpp_runs_the_export(case, pruned, tmp_path):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_held_out_losses_of_an_uncut_model_are_its_own(case):
+    """The fusion's held-out check hands the replayed output of the last pruned layer to the model's own forward
+    (hywia.importance.refit): with every group kept, each window's loss is the dense model's."""
+    from hywia.importance import ScoringContext
+    from hywia.importance.refit import refit_held_out_losses
+    from hywia.importance.statistics import lm_loss
+
+    model = tiny_family_model(case)
+    adapter = adapter_for(model)
+    layers = [1, 2]  # layer 3 above the handed-over output runs as usual
+    specs = {i: adapter.group_specs(adapter.layers()[i]) for i in layers}
+    windows = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(0))
+    ctx = ScoringContext(model, adapter, layers, specs, windows, {}, progress=False)
+    uncut = {(i, spec.kind): list(range(spec.count)) for i in layers for spec in specs[i]}
+    losses = refit_held_out_losses(ctx, {"uncut": uncut}, windows[:2], windows[2:], ridge=0.01)["uncut"]
+    with torch.no_grad():
+        dense = [float(lm_loss(model, windows[i:i + 1])) for i in (2, 3)]
+    assert losses.tolist() == pytest.approx(dense, rel=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_replay_start_records_the_calls_of_the_full_forward(case):
     """A replay starts with the layers above `low` only recording their calls (hywia.calibration.replay_start): the
-    calls and `low`'s inputs must equal those of a forward through every layer (per-layer-type masks included)."""
+    calls, `low`'s inputs and the layers' output arity must equal those of a forward through every layer
+    (per-layer-type masks included)."""
     model = tiny_family_model(case)
     layers = adapter_for(model).layers()
     batches = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
-    calls, hidden = replay_start(model, layers, 1, len(layers) - 1, batches)
+    calls, hidden, arity = replay_start(model, layers, 1, len(layers) - 1, batches)
     store = ActivationStore(on_disk=False)
-    full, _ = capture_layer_inputs(model, layers, 1, len(layers) - 1, batches, store, input_layers={1})
-    assert calls.keys() == full.keys()
+    full, full_arity = capture_layer_inputs(model, layers, 1, len(layers) - 1, batches, store, input_layers={1})
+    assert calls.keys() == full.keys() and arity == full_arity
     for index in full:
         for replayed, reference in zip(calls[index], full[index], strict=True):
             torch.testing.assert_close((replayed.args, replayed.kwargs, replayed.positional),
