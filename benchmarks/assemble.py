@@ -40,8 +40,8 @@ SECTIONS = [
      "benchmarks/results/crossdomain-bench/gemma-mix.json benchmarks/results/crossdomain-bench/gemma-steps0.json "
      "benchmarks/results/crossdomain-bench/gemma-views.json"),
     (None, "zeroshot-section.md", None),  # benchmarks/zeroshot_summary.py's table with the runs behind it
-    ("Cost of a whole prune against the FLAP recipe", "prune-cost-20.md",
-     "python benchmarks/prune_cost.py --ratio 0.2 --repeats 1 --name prune-cost-20 --recipe 'hywia-default=' "
+    ("Cost of a whole prune against the FLAP recipe", "prune-cost-20r3.md",
+     "python benchmarks/prune_cost.py --ratio 0.2 --repeats 3 --name prune-cost-20r3 --recipe 'hywia-default=' "
      "--recipe 'flap=--criterion flap --allocation global:attention_weight=1 --compensate bias'"),
     ("Quality: criterion x allocation x compensation (no recovery tuning)", "ablation.md",
      "python benchmarks/ablation.py --ratios 0.2,0.5 --calib-samples 64 --eval-tokens 4096"),
