@@ -56,7 +56,8 @@ the blend learns on every window. Measured (BENCHMARKS.md "Sixteenth" and "Twent
 - Under `self` (the default calibration since) it kept the learned blend in all five cells (SmolLM2-135M at
   20/35/50%, Gemma-3-270M at 20/50%), and the prunes came out 0.5% better on average on foreign text, within the
   noise of learning on 48 windows instead of 64. It is on by default because issue 17 asks that the blend's choice
-  be checked on windows it was not fitted on, at about 90 CPU s more per prune on SmolLM2-135M.
+  be checked on windows it was not fitted on, at about 90 CPU s more per prune on SmolLM2-135M as first measured
+  (about 16 of them since saved by a cheaper loss pass, hywia.importance.refit).
 - It does not rescue SmolLM2-135M at 50%: there the held-out windows barely separate the fluctuation view from the
   blend, while on foreign text that view is 4-6% better.
 
