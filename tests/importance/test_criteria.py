@@ -221,6 +221,47 @@ def test_fusion_step_recomputes_layers_and_chunks_the_head_without_changing_the_
     assert "forward" not in vars(ctx.adapter.layers()[0])  # the layers' own forward is back
 
 
+def test_bfloat16_learning_runs_the_model_in_bfloat16_and_learns_about_what_float32_learns(tiny_model_factory):
+    """`precision=bfloat16` autocasts the learning's forward (and its recomputation in the backward); the gates, the
+    blend and the returned scores keep their dtypes, and the learned blend is float32's to bfloat16's rounding."""
+    results = {}
+    for precision in ("model", "bfloat16"):
+        ctx = _context(tiny_model_factory("llama"))
+        seen, head = set(), set()
+        handle = ctx.model.model.layers[1].self_attn.q_proj.register_forward_hook(
+            lambda module, args, out: seen.add(out.dtype))
+        head_handle = ctx.model.lm_head.register_forward_hook(lambda module, args, out: head.add(out.dtype))
+        fusion = HywiaFusion(steps=4, batch_size=2, validate=0, precision=precision)
+        scores = fusion.score(ctx)
+        handle.remove()
+        head_handle.remove()
+        assert all(score.dtype == torch.float64 for score in scores.values())
+        assert head == {torch.float32}  # the head is never autocast: no bfloat16 copy of its weight per chunk
+        results[precision] = (seen, fusion.summary())
+    assert results["model"][0] == {torch.float32} and torch.bfloat16 in results["bfloat16"][0]
+    full, half = results["model"][1], results["bfloat16"][1]
+    assert (full["learned_in"], half["learned_in"]) == ("float32", "bfloat16")
+    assert half["loss_first"] == pytest.approx(full["loss_first"], rel=2e-2)
+    assert half["alpha_mean"]["fine"] != pytest.approx(0.5, abs=1e-6)
+    assert half["alpha_mean"]["fine"] == pytest.approx(full["alpha_mean"]["fine"], abs=2e-2)
+
+
+@pytest.mark.parametrize(("dtype", "native", "expected"), [(torch.float32, True, torch.bfloat16),
+                                                           (torch.float32, False, None),
+                                                           (torch.bfloat16, True, None),
+                                                           (torch.float16, True, None)])
+def test_auto_precision_learns_in_bfloat16_only_for_a_float32_model_on_native_bfloat16(tiny_model_factory,
+                                                                                     monkeypatch, dtype, native,
+                                                                                     expected):
+    from hywia.importance.fusion import learning_autocast
+
+    model = tiny_model_factory("llama").to(dtype)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert learning_autocast("auto", model) == expected
+    assert learning_autocast("model", model) is None and learning_autocast("bfloat16", model) == torch.bfloat16
+
+
 def test_geometric_pool_blends_the_views_logs(tiny_model_factory):
     ctx = _context(tiny_model_factory("llama"))
     fine, _, scale = granularities(ctx)
@@ -347,7 +388,7 @@ def test_default_fusion_holds_out_a_quarter_where_the_margin_can_judge_it(window
 
 @pytest.mark.parametrize("option", ["views=fine+fine", "views=fine+nope", "views=", "views=fine:validate=1.0",
                                     "learn=blend+blend", "learn=views", "learn=", "validate=0.25:margin=-1",
-                                    "pool=harmonic"])
+                                    "pool=harmonic", "precision=float16"])
 def test_fusion_settings_are_checked(option):
     with pytest.raises(InvalidRequestError):
         get_criterion(f"hywia:{option}")
