@@ -228,8 +228,8 @@ class FusionSettings:
     normalised; `precision`: what the learning's forward and backward compute in (`learning_autocast`): `model`
     (the default) the model's own dtype, `bfloat16` bfloat16 autocast, `auto` bfloat16 only for a float32 model on
     a device that computes bfloat16 natively; the gates, the blend and every other stage stay as they were.
-    Measured (BENCHMARKS.md "Twenty-third session"): the same quality on foreign text, a quarter less CPU time in
-    the score stage, but 57 MB more peak memory on SmolLM2-135M, past issue 18's goal, so it is not the default."""
+    Measured (BENCHMARKS.md "Twenty-third session"): the same quality on foreign text, a fifth to a third less CPU
+    time in the score stage, but 57 MB more peak memory on SmolLM2-135M, past issue 18's goal, so not the default."""
 
     steps: int = 24
     batch_size: int = 4
