@@ -285,7 +285,6 @@ class HywiaFusion(Criterion):
     def __init__(self, **settings) -> None:
         super().__init__(**settings)
         self._summary: dict = {}
-        self._learned_in: str | None = None  # the dtype the last learning computed in (`learning_autocast`)
 
     @property
     def gradient_folds(self) -> int:
@@ -351,7 +350,6 @@ class HywiaFusion(Criterion):
         refit = self.settings.refit and ctx.compensate == "lstsq" and self.settings.steps > 0
         cores = _cores(equal, keep, ctx.keep) if refit else {}
         replacements = _replacements(ctx, specs, core_predictions(ctx, cores, fit, ctx.ridge) if cores else None)
-        self._learned_in = None
         if not self.settings.steps:
             losses = []
         elif ctx.allocate is None:
@@ -376,7 +374,8 @@ class HywiaFusion(Criterion):
             ],
             "steps": self.settings.steps,
             "crossfit": self._crossfits,
-            "learned_in": self._learned_in,
+            "learned_in": (str(learning_autocast(self.settings.precision, ctx.model)
+                                or next(ctx.model.parameters()).dtype).removeprefix("torch.") if losses else None),
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None,
             "held_out_windows": int(held_out.shape[0]),
@@ -477,7 +476,6 @@ class HywiaFusion(Criterion):
         head = ctx.model.get_output_embeddings()
         chunked = head_is_last(ctx.model, pools[0][:1, :HEAD_CHECK_TOKENS].to(device))
         autocast = learning_autocast(self.settings.precision, ctx.model)
-        self._learned_in = str(autocast or next(ctx.model.parameters()).dtype).removeprefix("torch.")
         computes = execution_device(ctx.model).type
         with _frozen(ctx.model), _gated(ctx, specs, gates, replacements), _recomputed(ctx.adapter.layers()):
             for step in tqdm(range(steps), desc="fusion", disable=not ctx.progress, leave=False):
